@@ -1,0 +1,55 @@
+"""The ``sentiment-stream`` command.
+
+Each subcommand lives in the module that owns the capability; this file only names them. A module
+named here provides ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when
+their command runs, so the service commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "main"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "services": ("stream.services", "start, stop or inspect the local broker and Redis"),
+    "roundtrip": ("stream.roundtrip", "produce posts to the broker and read them back (smoke test)"),
+    "data": ("models.data", "build the benchmark data set and its feature cache"),
+    "train": ("models.train", "train a head (DRF, FSRF, serving head or a baseline) on cached features"),
+    "evaluate": ("models.evaluate", "run the robustness protocol and write results"),
+    "export": ("export.onnx_export", "export encoders and head to ONNX with a manifest and parity report"),
+    "worker": ("stream.worker", "run the Faust streaming worker"),
+}
+
+
+def _requested(argv: Sequence[str]) -> set[str]:
+    return {arg for arg in argv if arg in COMMANDS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="sentiment-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = _requested(args_list)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        command.set_defaults(_module=module_name)
+        if name in wanted:
+            importlib.import_module(module_name).add_arguments(command)
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
