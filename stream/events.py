@@ -109,8 +109,17 @@ def _optional_str(payload: dict[Any, Any], name: str, limit: int) -> str | None:
         raise PostRejected("wrong_type", f"{name} must be a string or nil, got {type(value).__name__}")
     if len(value) > limit:
         raise PostRejected("field_too_long", f"{name} has {len(value)} chars, limit {limit}")
+    _require_utf8(name, value)
     # A blank text carries no sentiment: treat it as missing rather than scoring an empty string.
     return value if value.strip() else None
+
+
+def _require_utf8(name: str, value: str) -> None:
+    # JSON can carry lone surrogates; they would break every encoder downstream.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PostRejected("wrong_type", f"{name} is not valid unicode text") from None
 
 
 def _image(payload: dict[Any, Any], settings: Settings, from_json: bool) -> tuple[bytes, Image.Image] | None:
@@ -127,7 +136,9 @@ def _image(payload: dict[Any, Any], settings: Settings, from_json: bool) -> tupl
     if not value:
         return None
     if len(value) > settings.max_image_bytes:
-        raise PostRejected("image_too_large", f"image has {len(value)} bytes, limit {settings.max_image_bytes}")
+        raise PostRejected(
+            "image_too_large", f"image has {len(value)} bytes, limit {settings.max_image_bytes}"
+        )
     return value, decode_image(value, settings.max_image_pixels)
 
 
@@ -135,6 +146,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode PNG/JPEG bytes to RGB, refusing images over ``max_pixels`` before decompressing them."""
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise PostRejected(
+            "image_too_large", "image dimensions exceed Pillow's decompression-bomb limit"
+        ) from None
     except Exception as exc:  # Pillow raises many kinds on hostile input; all mean "not an image"
         raise PostRejected("image_undecodable", f"not a PNG/JPEG image: {type(exc).__name__}") from None
     width, height = img.size
@@ -166,14 +181,20 @@ def decode_post(raw: bytes, *, default_ts: float | None = None, settings: Settin
         raise PostRejected("wrong_type", f"id must be a string, got {type(post_id).__name__}")
     if not post_id or len(post_id) > settings.max_id_chars:
         raise PostRejected("invalid_id", f"id must have 1-{settings.max_id_chars} chars, has {len(post_id)}")
+    _require_utf8("id", post_id)
 
     ts = payload.get("ts")
     if ts is None:
         ts = default_ts
     elif isinstance(ts, bool) or not isinstance(ts, int | float):
         raise PostRejected("wrong_type", f"ts must be epoch seconds, got {type(ts).__name__}")
-    elif not math.isfinite(ts) or ts < 0:
-        raise PostRejected("invalid_ts", f"ts must be finite and >= 0, got {ts}")
+    else:
+        try:
+            ts = float(ts)
+        except OverflowError:
+            raise PostRejected("invalid_ts", "ts is out of range") from None
+        if not math.isfinite(ts) or ts < 0:
+            raise PostRejected("invalid_ts", f"ts must be finite and >= 0, got {ts}")
 
     label = payload.get("label")
     if label is not None and label not in LABELS:
