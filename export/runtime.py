@@ -78,8 +78,7 @@ class TensorSpec:
         if len(shape) != len(self.shape):
             return False
         return all(
-            not (isinstance(a, int) and isinstance(b, int)) or a == b
-            for a, b in zip(shape, self.shape, strict=True)
+            not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(shape, self.shape, strict=True)
         )
 
 
@@ -176,13 +175,9 @@ class ModelSession:
         for name, value in feeds.items():
             spec = self._input_by_name[name]
             if spec.dtype is not None and value.dtype != spec.dtype:
-                raise ModelInputMismatch(
-                    f"{self.path.name}: input {name!r} must be {spec.dtype}, got {value.dtype}"
-                )
+                raise ModelInputMismatch(f"{self.path.name}: input {name!r} must be {spec.dtype}, got {value.dtype}")
             if not spec.accepts(value.shape):
-                raise ModelInputMismatch(
-                    f"{self.path.name}: input {name!r} has shape {spec.shape}, got {value.shape}"
-                )
+                raise ModelInputMismatch(f"{self.path.name}: input {name!r} has shape {spec.shape}, got {value.shape}")
         names = list(outputs) if outputs is not None else list(self.output_names)
         results = self._session.run(names, dict(feeds))
         return dict(zip(names, results, strict=True))

@@ -501,9 +501,7 @@ class SyncFeatureQueue:
 
     def moments(self) -> dict[str, Moments]:
         """Stored moments of every modality with at least one vector (one HMGET)."""
-        return _parse_moments(
-            self.modalities, self.client.hmget(self.keys.moments, _moments_fields(self.modalities))
-        )
+        return _parse_moments(self.modalities, self.client.hmget(self.keys.moments, _moments_fields(self.modalities)))
 
     def lengths(self) -> dict[str, int]:
         """LLEN of every modality's list."""

@@ -20,6 +20,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
@@ -93,6 +94,9 @@ class Metrics:
 
     def __init__(self, settings: Settings | None = None, *, process_metrics: bool = True) -> None:
         settings = settings or get_settings()
+        # In the classic text format `_created` samples surface as extra gauge families
+        # (`sentiment_events_created`, ...) that double the series count and confuse dashboards.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         if process_metrics:
             # process_* (RSS, CPU, fds) for the dashboard's process row; not ours, so not in METRIC_NAMES.
@@ -195,9 +199,7 @@ class Metrics:
         self._onnx_labels[model] = (model, requested, provider)
         self.onnx_session.labels(model, requested, provider).set(1)
 
-    def set_consumer_lag(
-        self, topic: str, partition: int, highwater: int | None, position: int | None
-    ) -> None:
+    def set_consumer_lag(self, topic: str, partition: int, highwater: int | None, position: int | None) -> None:
         """Set lag = high-water mark − position; unknown offsets (None) leave the gauge unchanged."""
         if highwater is None or position is None:
             return

@@ -278,9 +278,7 @@ async def test_redis_that_accepts_but_never_answers_costs_at_most_the_timeout(
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(16)  # connections complete in the backlog, but nothing ever replies
         port = blackhole.getsockname()[1]
-        slow = redis_settings.model_copy(
-            update={"redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_s": 0.2}
-        )
+        slow = redis_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_s": 0.2})
         q = FeatureQueue("test-" + uuid.uuid4().hex, slow, metrics=metrics)
         t0 = time.monotonic()
         stats = await q.stats()

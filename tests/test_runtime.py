@@ -97,9 +97,7 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_exactly_one_warning(
     np.testing.assert_allclose(out["y"], 2.0)
 
 
-def test_one_session_per_model_file_is_reused_until_the_file_changes(
-    tiny: Path, cpu_settings: Settings
-) -> None:
+def test_one_session_per_model_file_is_reused_until_the_file_changes(tiny: Path, cpu_settings: Settings) -> None:
     a = create_session(tiny, cpu_settings)
     assert create_session(str(tiny), cpu_settings) is a
     _write_tiny_model(tiny, scale=3.0)  # a re-export replaces the file (same size here)
@@ -173,7 +171,6 @@ def test_session_options_fit_a_small_shared_host() -> None:
 
 def test_serving_modules_never_import_torch() -> None:
     code = (
-        "import sys, export.runtime, stream.feature_queue, stream.metrics; "
-        "sys.exit(1 if 'torch' in sys.modules else 0)"
+        "import sys, export.runtime, stream.feature_queue, stream.metrics; sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
