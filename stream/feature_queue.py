@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 QueueStatus = Literal["ok", "queue_stale", "queue_unavailable"]
 
 PUSH_SCRIPT: Final = resources.files("stream").joinpath("feature_queue.lua").read_text(encoding="utf-8")
-_VAR_FLOOR: Final = 1e-6
+# Same floor and "fewer than 2 vectors = no statistics" rule as training (models/drf.py FeatureQueue).
+_VAR_FLOOR: Final = 1e-4
+_MIN_COUNT: Final = 2
 # Seeding sends K×d floats per modality in one call: allow it more time than a per-batch call.
 _SEED_TIMEOUT_S: Final = 10.0
 _REDIS_ERRORS: Final = (redis.RedisError, OSError, asyncio.TimeoutError)
@@ -108,7 +110,7 @@ class Moments:
 class QueueStats:
     """What a batch needs from the queue: per-modality mean/variance and how fresh they are.
 
-    ``mean``/``var`` hold only modalities with at least one vector; ``status`` is ``ok``,
+    ``mean``/``var`` hold only modalities with at least two vectors; ``status`` is ``ok``,
     ``queue_stale`` (Redis failed; these are the last good values) or ``queue_unavailable`` (none ever).
     """
 
@@ -361,7 +363,7 @@ class FeatureQueue:
             for m in self.modalities:
                 mo = moments.get(m)
                 stats.count[m] = mo.count if mo else 0
-                if mo is not None:
+                if mo is not None and mo.count >= _MIN_COUNT:
                     stats.mean[m], stats.var[m] = mo.mean_var(self.var_floor)
             self._set_lengths(stats.count)
             self._last_good = stats

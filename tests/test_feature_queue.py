@@ -328,9 +328,18 @@ async def test_stale_stats_while_redis_is_down_then_recovery_and_pending_seed(
 
 def test_variance_is_floored_for_constant_features(sync_queue: SyncFeatureQueue) -> None:
     sync_queue.push({"text": np.full((10, 4), 0.3, np.float32)})
-    mean, var = sync_queue.moments()["text"].mean_var(var_floor=1e-6)
+    mean, var = sync_queue.moments()["text"].mean_var()
     np.testing.assert_allclose(mean, 0.3, rtol=1e-6)
-    assert (var >= 1e-6).all()
+    np.testing.assert_allclose(var, 1e-4)  # the floor training uses (models/drf.py)
+
+
+async def test_a_queue_with_fewer_than_two_vectors_gives_no_statistics(queue: FeatureQueue) -> None:
+    await queue.push({"text": np.ones((1, 4), np.float32), "image": np.ones((3, 4), np.float32)})
+    stats = await queue.stats()
+    assert stats.count["text"] == 1 and "text" not in stats.mean  # as in training: (0, 1)
+    assert "image" in stats.mean
+    mean, var = stats.stacked(4)
+    assert (mean[0] == 0).all() and (var[0] == 1).all() and (mean[1] == 1).all()
 
 
 def test_repair_rewrites_moments_from_the_stored_vectors(
