@@ -46,7 +46,7 @@ _KNOWN_FIELDS: Final = frozenset({"id", "ts", "text", "image", "transcript", "la
 
 @dataclass(frozen=True, slots=True)
 class Post:
-    """A validated post. ``pixels`` holds the decoded image (RGB) so it is decoded only once."""
+    """A validated post. ``pixels`` holds the decoded image so it is decoded only once."""
 
     id: str
     ts: float | None = None
@@ -143,7 +143,11 @@ def _image(payload: dict[Any, Any], settings: Settings, from_json: bool) -> tupl
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode PNG/JPEG bytes to RGB, refusing images over ``max_pixels`` before decompressing them."""
+    """Decode PNG/JPEG bytes, refusing images over ``max_pixels`` before decompressing them.
+
+    The image keeps its mode (e.g. RGBA): :func:`stream.preprocess.image_to_array` composites transparency
+    the same way for training and serving.
+    """
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
@@ -159,7 +163,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise PostRejected("image_undecodable", "image has no pixels")
     try:
         img.load()
-        return img.convert("RGB")
+        return img
     except Exception as exc:  # truncated data, bad CRC, decompression bombs inside chunks, ...
         raise PostRejected("image_undecodable", f"image data is corrupt: {type(exc).__name__}") from None
 

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
     recovery: Literal["fsrf", "drf"] = "fsrf"
     providers: Literal["cpu", "cuda"] = "cpu"
     intra_op_threads: int = Field(default=1, ge=0)
-    text_encoder: Literal["fp32", "int8"] = "int8"
+    text_encoder: Literal["fp32", "int8"] = "fp32"
+    encode_sub_batch: int = Field(default=16, ge=1)  # text is length-bucketed into sub-batches this big
+    enqueue_min_confidence: float = Field(default=0.8, ge=0, le=1)
+    enqueue_min_quality: float = Field(default=0.2, ge=0, le=1)
 
     # Service
     metrics_host: str = "127.0.0.1"
@@ -72,6 +75,8 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=0, le=65535)
     state_dir: Path = Field(default_factory=_default_state_dir)
     latency_slo_s: float = Field(default=0.25, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)  # SIGTERM: finish the batch, then exit by this
+    worker_id: str = Field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     @field_validator("bootstrap_servers")
     @classmethod
