@@ -277,20 +277,25 @@ class FeatureQueue:
         self._failing = False
         self._read_lock = asyncio.Lock()
         self._pending_seed: dict[str, np.ndarray] | None = None
+        self._seed_task: asyncio.Task[bool] | None = None
 
-    def _make_client(self, timeout_s: float) -> aioredis.Redis:
+    def _make_client(self, read_timeout_s: float) -> aioredis.Redis:
         # No retries inside redis-py: each call is bounded by one timeout, and our own back-off decides
         # when to try again. redis-py drops a connection that failed and opens a new one on the next call.
         return aioredis.Redis.from_url(
             self.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
+            socket_timeout=read_timeout_s,
+            socket_connect_timeout=self.settings.redis_timeout_s,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
         )
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (and stop a pending seed retry)."""
+        if self._seed_task is not None:
+            self._seed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *_REDIS_ERRORS):
+                await self._seed_task
         await self._client.aclose()
 
     async def __aenter__(self) -> FeatureQueue:
@@ -323,12 +328,12 @@ class FeatureQueue:
 
     def _recovered(self) -> None:
         if self._failing:
-            log.warning("feature queue: Redis is reachable again")
+            log.info("feature queue: Redis is reachable again")
         self._failing = False
 
-    async def _call(self, coro: Any, timeout_s: float) -> Any:
-        # socket timeouts bound each read; wait_for also bounds DNS/connect/pool waits.
-        return await asyncio.wait_for(coro, timeout=timeout_s * 2 + 0.05)
+    async def _call(self, coro: Any, read_timeout_s: float) -> Any:
+        # Socket timeouts bound connect and each read; wait_for also bounds DNS and pool waits.
+        return await asyncio.wait_for(coro, timeout=read_timeout_s + self.settings.redis_timeout_s + 0.05)
 
     # -- public API
 
@@ -345,10 +350,9 @@ class FeatureQueue:
                 return last
             if not self._available():
                 return self._degraded()
-            if self._pending_seed is not None:
-                await self.seed(self._pending_seed)
-                if not self._available():
-                    return self._degraded()
+            if self._pending_seed is not None and (self._seed_task is None or self._seed_task.done()):
+                # In the background: a seed may take longer than a batch can wait.
+                self._seed_task = asyncio.create_task(self.seed(self._pending_seed))
             try:
                 values = await self._call(
                     self._client.hmget(self.keys.moments, _moments_fields(self.modalities)),
@@ -385,7 +389,7 @@ class FeatureQueue:
 
         Rows with NaN/inf are dropped (counted as ``not_finite``). When Redis is unavailable the batch
         is dropped and counted (``redis_unavailable``); nothing is raised. A vector of the wrong
-        dimension for an existing queue is rejected by the script (counted as a Redis error, dropped).
+        dimension for an existing queue makes the script reject the whole batch (``rejected``).
         """
         keys, args, order, dropped = _script_call(self.keys, batch, self.settings.queue_length, "push")
         for m, n in dropped.items():
@@ -399,6 +403,13 @@ class FeatureQueue:
             return False
         try:
             lengths = await self._call(self._script(keys=keys, args=args), self.settings.redis_timeout_s)
+        except redis.ResponseError as exc:
+            # The script refused the batch (e.g. a dimension change within one model version): Redis
+            # itself is fine, so no back-off; nothing of the batch was written.
+            self.metrics.redis_errors.labels("push").inc()
+            self.metrics.queue_dropped_vectors.labels("rejected").inc(n_vectors)
+            log.error("feature queue: push rejected: %s", exc)
+            return False
         except _REDIS_ERRORS as exc:
             await self._failed("push", exc)
             self.metrics.queue_dropped_vectors.labels("redis_unavailable").inc(n_vectors)
@@ -413,7 +424,7 @@ class FeatureQueue:
 
         Atomic: the flag is set in the same script that pushes, so two workers starting together seed
         once and a crash cannot leave the flag set on an empty queue. If Redis is unavailable the
-        snapshot is kept and retried by the next successful :meth:`stats`.
+        snapshot is kept and retried in the background by a later :meth:`stats`.
         """
         keys, args, order, _ = _script_call(self.keys, snapshot, self.settings.queue_length, "seed")
         timeout = max(self.settings.redis_timeout_s, _SEED_TIMEOUT_S)

@@ -167,7 +167,7 @@ class Metrics:
         )
         self.queue_dropped_vectors = Counter(
             "sentiment_queue_dropped_vectors",
-            "Feature vectors not pushed to the queue, by reason (redis_unavailable | not_finite).",
+            "Feature vectors not pushed to the queue, by reason (redis_unavailable | not_finite | rejected).",
             ["reason"],
             registry=r,
         )

@@ -247,7 +247,9 @@ async def test_wrong_dimension_is_rejected_before_anything_is_written(
     assert not await queue.push(bad)  # never raises into the batch
     assert sync_queue.lengths() == dict.fromkeys(MODS, 4)  # the valid text part was not written either
     assert _count(metrics, "sentiment_redis_errors_total", operation="push") == 1
+    assert _count(metrics, "sentiment_queue_dropped_vectors_total", reason="rejected") == 4
     assert sync_queue.verify().ok
+    assert await queue.push(_batch(rng, n=2, d=8))  # Redis was fine: no back-off after a rejection
 
 
 async def test_unreachable_redis_degrades_reads_and_drops_pushes_without_raising(
@@ -314,9 +316,12 @@ async def test_stale_stats_while_redis_is_down_then_recovery_and_pending_seed(
 
         server.start()  # same port, empty data, empty script cache
         await asyncio.sleep(0.25)
-        back = await q.stats()
+        assert (await q.stats()).status == "ok"
+        deadline = time.monotonic() + 5
+        while (back := await q.stats()).count != dict.fromkeys(MODS, 20) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the pending seed is retried in the background
         assert back.status == "ok"
-        assert back.count == dict.fromkeys(MODS, 20)  # the pending seed went in first
+        assert back.count == dict.fromkeys(MODS, 20)
         np.testing.assert_allclose(back.mean["text"], snapshot["text"].mean(0), rtol=1e-5, atol=1e-6)
         assert await q.push(_batch(rng, n=4))  # the push script is re-sent after NOSCRIPT
         assert q.lengths["text"] == 24
