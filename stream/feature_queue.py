@@ -6,7 +6,8 @@ vectors beyond ``settings.queue_length`` and adjusts the moments, atomically. Th
 vectors are computed here in float64 (numpy) so the script only unpacks the vectors it evicts.
 Moments live in one hash per version, so a batch reads every modality's mean/variance in one round trip.
 
-Failure contract: :class:`FeatureQueue` methods never raise into the caller's batch for Redis trouble.
+Failure contract: :meth:`FeatureQueue.stats`, :meth:`~FeatureQueue.push` and :meth:`~FeatureQueue.seed`
+never raise into the caller's batch for Redis trouble (the tool methods verify/recompute/clear do).
 Reads return the last good statistics (``status="queue_stale"``) or none (``"queue_unavailable"``),
 pushes are dropped and counted, and after a failure Redis is not asked again for ``retry_after_s``
 (so a dead Redis costs each batch nothing instead of a timeout). Key names come only from

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 from prometheus_client import (
@@ -52,6 +52,7 @@ STAGES: Final = (
     "queue_push",
     "produce",
     "batch",
+    "other",
 )
 
 # 1 ms … 5 s; the SLO bucket is merged in by `latency_buckets` so "% under SLO" is exact.
@@ -213,6 +214,12 @@ class Metrics:
         for key in self._lag_labels - keep:
             self.consumer_lag.remove(*key)
         self._lag_labels &= keep
+
+    def observe_stages(self, stages: Mapping[str, float]) -> None:
+        """Observe one batch's per-stage seconds; a name outside :data:`STAGES` is recorded as ``other``
+        so a typo cannot create new series."""
+        for stage, seconds in stages.items():
+            self.stage_latency.labels(stage if stage in STAGES else "other").observe(seconds)
 
     def mark_processed(self, when: float | None = None) -> None:
         """Set the liveness timestamp (defaults to now)."""

@@ -55,8 +55,7 @@ def _record_one_batch(m: Metrics) -> None:
     m.events.labels("dead_letter").inc()
     m.dead_letters.labels("image_undecodable").inc()
     m.e2e_latency.observe(0.12)
-    for stage in STAGES:
-        m.stage_latency.labels(stage).observe(0.002)
+    m.observe_stages(dict.fromkeys(STAGES, 0.002))
     m.batch_size.observe(4)
     m.missing_modalities.labels("image").inc(2)
     m.recovered_modalities.labels("image", "fsrf").inc(2)
@@ -140,3 +139,10 @@ def test_server_binds_to_the_configured_host_not_all_interfaces(settings: Settin
         assert srv._server.server_address[0] == "127.0.0.1"
     finally:
         srv.close()
+
+
+def test_unknown_stage_names_cannot_create_new_series(metrics: Metrics) -> None:
+    metrics.observe_stages({"head": 0.01, "hed": 0.02, "encode_text": 0.03})
+    text = metrics.render().decode()
+    stages = {s.labels["stage"] for s in _samples(text, "sentiment_stage_latency_seconds_count")}
+    assert stages == {"head", "other", "encode_text"}

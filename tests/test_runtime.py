@@ -97,6 +97,20 @@ def test_cuda_requested_without_gpu_falls_back_to_cpu_with_exactly_one_warning(
     np.testing.assert_allclose(out["y"], 2.0)
 
 
+def test_gpu_build_without_a_gpu_falls_back_to_cpu_with_one_warning(
+    tiny: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists CUDA as available on a host without a GPU; the obtained provider decides."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", CPU])
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="export.runtime"):
+        warnings.simplefilter("ignore")  # the CPU package's own complaint about the CUDA request
+        model = create_session(tiny, Settings(providers="cuda", intra_op_threads=1))
+    assert model.provider == CPU and model.fell_back_to_cpu
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
 def test_one_session_per_model_file_is_reused_until_the_file_changes(tiny: Path, cpu_settings: Settings) -> None:
     a = create_session(tiny, cpu_settings)
     assert create_session(str(tiny), cpu_settings) is a
