@@ -225,6 +225,12 @@ class Metrics:
         """Set the liveness timestamp (defaults to now)."""
         self.last_processed.set(time.time() if when is None else when)
 
+    @property
+    def last_processed_at(self) -> float | None:
+        """The liveness timestamp last set by :meth:`mark_processed`, None before the first batch."""
+        value = self.registry.get_sample_value("sentiment_last_processed_timestamp_seconds")
+        return value or None
+
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format (``CONTENT_TYPE_LATEST``)."""
         return generate_latest(self.registry)

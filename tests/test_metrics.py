@@ -146,3 +146,9 @@ def test_unknown_stage_names_cannot_create_new_series(metrics: Metrics) -> None:
     text = metrics.render().decode()
     stages = {s.labels["stage"] for s in _samples(text, "sentiment_stage_latency_seconds_count")}
     assert stages == {"head", "other", "encode_text"}
+
+
+def test_liveness_timestamp_is_readable_for_the_health_page(metrics: Metrics) -> None:
+    assert metrics.last_processed_at is None
+    metrics.mark_processed(1_700_000_123.5)
+    assert metrics.last_processed_at == 1_700_000_123.5
