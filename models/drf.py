@@ -1,0 +1,244 @@
+"""DRF: distribution-based feature recovery and fusion (Wu et al., ACM MM 2024, arXiv 2511.18751).
+
+The paper's full text was unreachable; this follows the INFERRED design of ``research/papers.md`` §2/§7.2.
+
+1. **Feature queues.** Per modality a FIFO of the last K projected features of *clean* samples
+   approximates the modality's feature distribution by its diagonal moments (mean, variance).
+2. **Quality.** A present modality's distance to its queue is a diagonal Mahalanobis distance normalised
+   by the dimension, ``D_m = mean_j (h_mj - mu_mj)^2 / var_mj`` (about 1 for a typical feature), and
+   its quality is ``q_m = exp(-max(D_m - 1, 0) / tau)`` in (0, 1].
+3. **Quality-aware fusion.** Fusion weights ``w = softmax_m(log q_m + b_m)`` over the available
+   modalities (``b_m`` a learned modality prior); the classifier reads ``concat_m(M * w_m * h_m)``.
+4. **Recovery.** Inter-modal mapping networks ``g_{s->t}``; a missing modality ``t`` is the mean of
+   ``g_{s->t}(h_s)`` over the present ``s``. They are supervised by samples
+   (``L_sample = MSE(g_{s->t}(h_s), sg(h_t))`` on clean pairs) and by distributions (``L_dist``: the
+   mapped batch against queue ``t``, Gaussian KL or RBF-MMD).
+
+``L = CE + w_sample * L_sample + w_dist * L_dist``. Every part is a config switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.common import (
+    FEATURE_DIMS,
+    MODALITIES,
+    N_MODALITIES,
+    Classifier,
+    GroupedMLP,
+    LossOutput,
+    ModalityProjector,
+    TrainBatch,
+    View,
+    batch_moments,
+    diag_gaussian_kl,
+    masked_mean,
+    masked_softmax,
+    project_all,
+    rbf_mmd,
+)
+
+__all__ = ["DRF", "DRFConfig", "FeatureQueue", "InterModalMapping", "QualityEstimator", "drf_losses"]
+
+
+@dataclass
+class DRFConfig:
+    """DRF hyper-parameters; every ``use_*`` field is an ablation switch."""
+
+    d: int = 64
+    hidden: int = 128
+    dropout: float = 0.1
+    queue_len: int = 1024
+    use_quality: bool = True  # off: uniform weights over the available modalities
+    quality_tau: float = 1.0
+    use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
+    use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
+    use_sample_loss: bool = True
+    sample_loss_weight: float = 1.0
+    use_dist_loss: bool = True
+    dist_loss: str = "kl"  # "kl" (diagonal Gaussians) | "mmd" (RBF, against queue samples)
+    dist_loss_weight: float = 0.1
+    mmd_queue_samples: int = 256
+
+
+class FeatureQueue(nn.Module):
+    """Per-modality FIFO of projected features ``[M,K,d]`` with its diagonal moments.
+
+    Buffers (saved with the state dict): ``features``, ``ptr`` (next write slot), ``count`` (filled slots).
+    """
+
+    features: Tensor
+    ptr: Tensor
+    count: Tensor
+
+    def __init__(self, n_modalities: int, length: int, dim: int) -> None:
+        super().__init__()
+        self.length = length
+        self.register_buffer("features", torch.zeros(n_modalities, length, dim))
+        self.register_buffer("ptr", torch.zeros(n_modalities, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(n_modalities, dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, modality: int, x: Tensor) -> None:
+        """Append rows of ``x [n,d]`` (detached); the oldest rows are evicted once K are held."""
+        x = x.detach()[-self.length :]
+        n = x.shape[0]
+        if n == 0:
+            return
+        start = int(self.ptr[modality])
+        slots = (start + torch.arange(n, device=x.device)) % self.length
+        self.features[modality, slots] = x
+        self.ptr[modality] = (start + n) % self.length
+        self.count[modality] = min(int(self.count[modality]) + n, self.length)
+
+    def snapshot(self, modality: int) -> Tensor:
+        """The held features of one modality, oldest first: ``[count,d]``."""
+        count = int(self.count[modality])
+        if count < self.length:
+            return self.features[modality, :count].clone()
+        return torch.roll(self.features[modality], -int(self.ptr[modality]), dims=0).clone()
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Mean and variance ``[M,d]`` of each queue; (0, 1) for a queue holding fewer than 2 rows."""
+        means, variances = [], []
+        for m in range(self.features.shape[0]):
+            held = self.snapshot(m)
+            if held.shape[0] < 2:
+                means.append(torch.zeros(self.features.shape[-1], device=held.device))
+                variances.append(torch.ones(self.features.shape[-1], device=held.device))
+            else:
+                means.append(held.mean(0))
+                variances.append(held.var(0, unbiased=False).clamp_min(1e-4))
+        return torch.stack(means), torch.stack(variances)
+
+
+class QualityEstimator(nn.Module):
+    """Quality of each modality from its distance to the queue, and the quality-normalised weights."""
+
+    def __init__(self, cfg: DRFConfig, n_modalities: int = N_MODALITIES) -> None:
+        super().__init__()
+        self.use_quality = cfg.use_quality
+        self.use_prior = cfg.use_modality_prior
+        self.tau = cfg.quality_tau
+        self.prior = nn.Parameter(torch.zeros(n_modalities))
+
+    def forward(self, h: Tensor, available: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``h [B,M,d]``, ``available [B,M]``, queue ``mean/var [M,d]`` -> (quality, weights) ``[B,M]``."""
+        # Quality is a measurement: the projector must not learn to make bad inputs look typical.
+        distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
+        log_quality = -F.relu(distance - 1.0) / self.tau
+        if not self.use_quality:
+            log_quality = torch.zeros_like(log_quality)
+        prior = self.prior if self.use_prior else torch.zeros_like(self.prior)
+        weights = masked_softmax(log_quality + prior, available)
+        return torch.exp(log_quality), weights
+
+
+class InterModalMapping(nn.Module):
+    """Mapping networks ``g_{s->t}`` for every ordered pair of modalities (grouped, one per pair)."""
+
+    sources: Tensor
+    targets: Tensor
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        # ordered by target, so pairs [2t, 2t+1] are the two sources of target t
+        self.pairs = [(s, t) for t in range(N_MODALITIES) for s in range(N_MODALITIES) if s != t]
+        self.register_buffer("sources", torch.tensor([s for s, _ in self.pairs]), persistent=False)
+        self.register_buffer("targets", torch.tensor([t for _, t in self.pairs]), persistent=False)
+        self.maps = GroupedMLP(len(self.pairs), d, d, hidden)
+
+    def map_pairs(self, h: Tensor) -> Tensor:
+        """``g_{s->t}(h_s)`` for every pair: ``[B,P,d]`` in ``self.pairs`` order."""
+        return self.maps(h[:, self.sources])
+
+    def forward(self, h: Tensor, present: Tensor) -> Tensor:
+        """Recovered features ``[B,M,d]``: for each target, the mean mapping from the present sources."""
+        b, _, d = h.shape
+        mapped = self.map_pairs(h).reshape(b * N_MODALITIES, N_MODALITIES - 1, d)
+        mask = present[:, self.sources].reshape(b * N_MODALITIES, N_MODALITIES - 1)
+        return masked_mean(mapped, mask).reshape(b, N_MODALITIES, d)
+
+
+def drf_losses(
+    mapping: InterModalMapping, h_clean: Tensor, available: Tensor, queue: FeatureQueue, cfg: DRFConfig
+) -> dict[str, Tensor]:
+    """DRF's recovery supervision on clean projected features ``h_clean [B,M,d]`` (weighted terms)."""
+    terms: dict[str, Tensor] = {}
+    if not cfg.use_recovery:
+        return terms
+    mapped = mapping.map_pairs(h_clean)  # [B,P,d]
+    source = available[:, mapping.sources]  # [B,P]
+    pair = source * available[:, mapping.targets]
+    if cfg.use_sample_loss:
+        per_row = ((mapped - h_clean[:, mapping.targets].detach()) ** 2).mean(-1)
+        sample = (per_row * pair).sum(0) / pair.sum(0).clamp_min(1.0)
+        terms["drf_sample"] = cfg.sample_loss_weight * sample.mean()
+    # The distribution target means nothing until the queue holds a few batches.
+    if cfg.use_dist_loss and int(queue.count.min()) >= min(queue.length, 128):
+        queue_mean, queue_var = queue.moments()
+        dist = []
+        for p, (_, t) in enumerate(mapping.pairs):
+            if cfg.dist_loss == "kl":
+                mean, var = batch_moments(mapped[:, p], source[:, p])
+                dist.append(diag_gaussian_kl(mean, var, queue_mean[t], queue_var[t]))
+            else:
+                held = queue.snapshot(t)
+                pick = torch.randperm(held.shape[0], device=held.device)[: cfg.mmd_queue_samples]
+                rows = torch.nonzero(source[:, p] > 0).squeeze(-1)[: cfg.mmd_queue_samples]
+                dist.append(rbf_mmd(mapped[rows, p], held[pick]))
+        terms["drf_dist"] = cfg.dist_loss_weight * torch.stack(dist).mean()
+    return terms
+
+
+def enqueue_clean(queue: FeatureQueue, h_clean: Tensor, available: Tensor) -> None:
+    """Push every available modality's clean projected feature into its queue."""
+    for m in range(N_MODALITIES):
+        queue.enqueue(m, h_clean[:, m][available[:, m] > 0])
+
+
+class DRF(nn.Module):
+    """Projectors, feature queues, quality-aware fusion and inter-modal recovery."""
+
+    def __init__(self, cfg: DRFConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or DRFConfig()
+        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.queue = FeatureQueue(N_MODALITIES, cfg.queue_len, cfg.d)
+        self.quality = QualityEstimator(cfg)
+        self.mapping = InterModalMapping(cfg.d, cfg.hidden)
+        self.classifier = Classifier(N_MODALITIES * cfg.d, cfg.hidden, cfg.dropout)
+
+    def fuse(self, view: View, queue_mean: Tensor, queue_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (logits ``[B,C]``, quality ``[B,M]``, filled projected features ``[B,M,d]``)."""
+        present = view.present
+        h = project_all(self.projectors, view)
+        if self.cfg.use_recovery:
+            present_ = present.unsqueeze(-1)
+            h = present_ * h + (1.0 - present_) * self.mapping(h, present)
+            available = torch.ones_like(present)
+        else:
+            available = present
+        quality, weights = self.quality(h, available, queue_mean, queue_var)
+        fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
+        return self.classifier(fused), quality * present, h
+
+    def forward(self, text: Tensor, image: Tensor, transcript: Tensor, present: Tensor) -> Tensor:
+        queue_mean, queue_var = self.queue.moments()
+        return self.fuse(View(text, image, transcript, present), queue_mean, queue_var)[0]
+
+    def compute_loss(self, batch: TrainBatch) -> LossOutput:
+        """CE on the disrupted view + sample/distribution recovery losses; then enqueue clean features."""
+        queue_mean, queue_var = self.queue.moments()
+        logits = self.fuse(batch.view, queue_mean, queue_var)[0]
+        terms = {"ce": F.cross_entropy(logits, batch.label)}
+        h_clean = project_all(self.projectors, batch.clean)
+        terms |= drf_losses(self.mapping, h_clean, batch.clean.present, self.queue, self.cfg)
+        if self.training:
+            enqueue_clean(self.queue, h_clean, batch.clean.present)
+        return LossOutput(torch.stack(list(terms.values())).sum(), terms, logits)

@@ -1,0 +1,591 @@
+"""``sentiment-stream train``: train one head on cached features, with training-time disruptions.
+
+    sentiment-stream train --model {serving,drf,fsrf,text_only,late_zero,early_dropout} --seed S
+        --epochs E --out DIR [--data-dir D] [--split random|topic|control] [--recovery fsrf|drf]
+        [--ablate PART ...] [--set KEY=VALUE ...]
+
+Writes the trained model dir (``docs/architecture.md``): ``config.json``, ``head.pt``, ``queue.npz``
+(one ``[K,d]`` float32 array per modality: projected features of clean, complete, confident training
+posts) and ``metrics.json``.
+
+**Training disruptions.** Each training view disrupts a random ``ratio`` of the samples: one random
+available modality (a second one with probability ``p_second``) is *discarded* (presence mask) with
+probability ``p_discard``, else *corrupted*. The feature cache holds real corrupted variants only for
+the test splits, so training corruption is feature-level: ``x' = (1-a) x + a (mu + sd * eps)`` with
+``a ~ U(0.4, 0.8)`` (the 40–80 % content-masking range) and the training set's per-dimension mean and
+std. This noise is used *only for training* (and for the validation score that early stopping reads);
+evaluation uses the real corrupted features.
+
+**Model selection.** Early stopping on the validation score: the mean of the macro-F1 on clean
+validation posts and on validation posts disrupted as in training (fixed seed). The test split is
+never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.baselines import BaselineConfig, EarlyFusionDropout, LateFusionZeroFill, TextOnly
+from models.common import (
+    FEATURE_DIMS,
+    LABELS,
+    MODALITIES,
+    N_MODALITIES,
+    TrainBatch,
+    View,
+    classification_metrics,
+    config_from_dict,
+    project_all,
+    seed_everything,
+    set_config_value,
+)
+from models.drf import DRF, DRFConfig
+from models.fsrf import FSRF, FSRFConfig
+from models.head import ServingHead, ServingHeadConfig
+
+__all__ = [
+    "MODELS",
+    "SPLITS",
+    "FeatureTable",
+    "TrainDisruption",
+    "TrainResult",
+    "add_arguments",
+    "build_model",
+    "load_model_dir",
+    "load_table",
+    "predict_proba",
+    "run",
+    "synthetic_table",
+    "train_model",
+]
+
+log = logging.getLogger(__name__)
+
+# name -> (config class, model class)
+MODELS: Final[dict[str, tuple[type[Any], type[nn.Module]]]] = {
+    "serving": (ServingHeadConfig, ServingHead),
+    "drf": (DRFConfig, DRF),
+    "fsrf": (FSRFConfig, FSRF),
+    "text_only": (BaselineConfig, TextOnly),
+    "late_zero": (BaselineConfig, LateFusionZeroFill),
+    "early_dropout": (BaselineConfig, EarlyFusionDropout),
+}
+# --split -> (train, validation, test) feature-cache split names (docs/data.md)
+SPLITS: Final = {
+    "random": ("train", "val", "test"),
+    "topic": ("topic_train", "topic_val", "topic_test"),
+    "control": ("control_train", "control_val", "control_test"),
+}
+# --ablate NAME -> config field switched off, per model family
+DRF_PARTS: Final = ("quality", "modality_prior", "recovery", "sample_loss", "dist_loss")
+FSRF_PARTS: Final = ("recovery", "recon", "orth", "align", "dered", "recovery_loss", "das_kl", "das_dist")
+DEFAULT_DATA_DIR: Final = Path("/work/cache/data")
+CONFIDENT: Final = 0.8  # queue.npz keeps clean, complete posts predicted with at least this probability
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureTable:
+    """Cached features of one split (and variant) as arrays, rows aligned with ``ids``."""
+
+    ids: np.ndarray
+    features: tuple[np.ndarray, np.ndarray, np.ndarray]  # text, image, transcript; zeros where absent
+    available: np.ndarray  # float32 [N,3]: the modality exists in the data
+    label: np.ndarray  # int64 [N]
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def rows(self, index: np.ndarray) -> FeatureTable:
+        return FeatureTable(
+            self.ids[index],
+            tuple(x[index] for x in self.features),
+            self.available[index],
+            self.label[index],
+            self.meta,
+        )
+
+
+def load_table(data_dir: Path, split: str, variant: str = "clean") -> FeatureTable:
+    """Read one split of the feature cache through ``models.features.load_features``."""
+    from models.features import load_features
+
+    fs = load_features(data_dir, split, variant)
+    n = len(fs.label)
+    has = [np.ones(n, dtype=bool)]
+    for name in ("has_image", "has_transcript"):
+        has.append(np.asarray(getattr(fs, name, np.ones(n, dtype=bool)), dtype=bool))
+    available = np.stack(has, axis=1).astype(np.float32)
+    features = tuple(
+        np.asarray(x, dtype=np.float32) * available[:, i : i + 1]
+        for i, x in enumerate((fs.text, fs.image, fs.transcript))
+    )
+    meta = dict(getattr(fs, "meta", {}) or {})
+    return FeatureTable(np.asarray(fs.ids), features, available, np.asarray(fs.label, dtype=np.int64), meta)  # type: ignore[arg-type]
+
+
+def synthetic_table(n: int, seed: int, signal: Sequence[float] = (1.5, 0.8, 0.8)) -> FeatureTable:
+    """Label-dependent Gaussian features (for tests and smoke runs): class mean times ``signal[m]``."""
+    rng = np.random.default_rng([seed, 7])
+    centres = np.random.default_rng(1234)  # the same class means for every split
+    label = rng.integers(0, len(LABELS), size=n).astype(np.int64)
+    features = []
+    for m, strength in zip(MODALITIES, signal, strict=True):
+        means = centres.normal(size=(len(LABELS), FEATURE_DIMS[m])).astype(np.float32)
+        noise = rng.normal(size=(n, FEATURE_DIMS[m])).astype(np.float32)
+        features.append((strength * means[label] / np.sqrt(FEATURE_DIMS[m]) * 8 + noise).astype(np.float32))
+    ids = np.array([f"syn-{seed}-{i}" for i in range(n)])
+    available = np.ones((n, N_MODALITIES), dtype=np.float32)
+    return FeatureTable(ids, (features[0], features[1], features[2]), available, label, {"synthetic": True})
+
+
+# -- training disruptions ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainDisruption:
+    """How training views are disrupted (feature-level; see the module docstring)."""
+
+    ratio: float = 0.5
+    p_discard: float = 0.5
+    p_second: float = 0.25
+    noise_low: float = 0.4
+    noise_high: float = 0.8
+
+
+@dataclass
+class FeatureStats:
+    mean: tuple[Tensor, Tensor, Tensor]
+    std: tuple[Tensor, Tensor, Tensor]
+
+    @classmethod
+    def of(cls, table: FeatureTable) -> FeatureStats:
+        means, stds = [], []
+        for i, x in enumerate(table.features):
+            rows = x[table.available[:, i] > 0]
+            means.append(torch.from_numpy(rows.mean(0)))
+            stds.append(torch.from_numpy(rows.std(0) + 1e-6))
+        return cls(tuple(means), tuple(stds))  # type: ignore[arg-type]
+
+
+def disrupt(
+    features: Sequence[Tensor],
+    available: Tensor,
+    cfg: TrainDisruption,
+    stats: FeatureStats,
+    gen: torch.Generator,
+) -> View:
+    """One disrupted view of a batch; at least one modality of every sample stays present."""
+    b = available.shape[0]
+
+    def pick(mask: Tensor) -> Tensor:
+        scores = torch.rand(b, N_MODALITIES, generator=gen) * mask
+        return nn.functional.one_hot(scores.argmax(-1), N_MODALITIES).float() * mask
+
+    hit = (torch.rand(b, 1, generator=gen) < cfg.ratio).float()
+    first = pick(available) * hit
+    second = pick(available - first) * (torch.rand(b, 1, generator=gen) < cfg.p_second).float() * hit
+    disrupted = (first + second).clamp(max=1.0)
+    discard = disrupted * (torch.rand(b, N_MODALITIES, generator=gen) < cfg.p_discard).float()
+    present = available * (1 - discard)
+    nothing_left = (present.sum(-1, keepdim=True) == 0).float()
+    present = present + nothing_left * first  # that modality is corrupted instead of discarded
+    corrupt = disrupted * present
+    out = []
+    for i, x in enumerate(features):
+        a = torch.empty(b, 1).uniform_(cfg.noise_low, cfg.noise_high, generator=gen)
+        eps = torch.randn(x.shape, generator=gen)
+        noisy = (1 - a) * x + a * (stats.mean[i] + stats.std[i] * eps)
+        c = corrupt[:, i : i + 1]
+        out.append((c * noisy + (1 - c) * x) * present[:, i : i + 1])
+    return View(out[0], out[1], out[2], present)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def build_model(name: str, config: Any = None) -> nn.Module:
+    """Instantiate a registered head (``MODELS``) with its config (default config if ``None``)."""
+    cfg_cls, model_cls = MODELS[name]
+    return model_cls(config if config is not None else cfg_cls())
+
+
+def default_config(name: str) -> Any:
+    return MODELS[name][0]()
+
+
+def apply_ablation(name: str, config: Any, part: str) -> None:
+    """Switch one part off: ``quality`` -> ``use_quality=False`` (``drf.``/``fsrf.`` for the serving head)."""
+    if name == "serving":
+        if part == "recovery":
+            config.use_recovery = False
+            return
+        family = "drf" if part in DRF_PARTS else "fsrf"
+        set_config_value(config, f"{family}.use_{part}", "false")
+        return
+    set_config_value(config, f"use_{part}", "false")
+
+
+def logits_of(model: nn.Module, view: View) -> Tensor:
+    if isinstance(model, ServingHead):
+        return model.logits(*view.features, view.present)
+    return model(*view.features, view.present)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, view: View, batch_size: int = 4096) -> np.ndarray:
+    """Class probabilities ``[N,3]`` for a (possibly disrupted) view, in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, view.present.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        sub = View(view.text[part], view.image[part], view.transcript[part], view.present[part])
+        out.append(torch.softmax(logits_of(model, sub), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def table_view(table: FeatureTable) -> View:
+    text, image, transcript = (torch.from_numpy(x) for x in table.features)
+    return View(text, image, transcript, torch.from_numpy(table.available))
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: dict[str, Any]
+    queue: dict[str, np.ndarray]
+
+
+def _val_views(val: FeatureTable, disruption: TrainDisruption, stats: FeatureStats) -> tuple[View, View]:
+    clean = table_view(val)
+    gen = torch.Generator().manual_seed(12345)
+    disrupted = disrupt(clean.features, clean.present, disruption, stats, gen)
+    return clean, disrupted
+
+
+def evaluate_views(model: nn.Module, views: Sequence[View], label: np.ndarray) -> list[dict[str, float]]:
+    return [classification_metrics(label, predict_proba(model, v).argmax(-1)) for v in views]
+
+
+def train_model(
+    name: str,
+    config: Any,
+    train: FeatureTable,
+    val: FeatureTable,
+    *,
+    seed: int = 0,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 5,
+    disruption: TrainDisruption | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train one head with early stopping on the validation score; returns the best weights."""
+    seed_everything(seed)
+    disruption = disruption or TrainDisruption()
+    model = build_model(name, config)
+    stats = FeatureStats.of(train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    data = table_view(train)
+    label = torch.from_numpy(train.label)
+    val_views = _val_views(val, disruption, stats)
+    best_score, best_state, best_epoch, bad = -1.0, None, 0, 0
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    bar = _progress(progress, epochs, name)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            feats = [x[idx] for x in data.features]
+            available = data.present[idx]
+            batch = TrainBatch(
+                view=disrupt(feats, available, disruption, stats, gen),
+                view_b=disrupt(feats, available, disruption, stats, gen),
+                clean=View(feats[0], feats[1], feats[2], available),
+                label=label[idx],
+            )
+            out = model.compute_loss(batch)  # type: ignore[operator]
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            for key, value in out.terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            n_batches += 1
+        clean_m, disrupted_m = evaluate_views(model, val_views, val.label)
+        score = 0.5 * (clean_m["f1_macro"] + disrupted_m["f1_macro"])
+        record = {
+            "epoch": epoch,
+            **{f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()},
+            "val_clean_f1_macro": clean_m["f1_macro"],
+            "val_disrupted_f1_macro": disrupted_m["f1_macro"],
+            "val_score": score,
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        bar.update(epoch, record)
+        if score > best_score + 1e-4:
+            best_score, best_epoch, bad = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    queue = build_queue(model, train)
+    clean_m, disrupted_m = evaluate_views(model, val_views, val.label)
+    metrics = {
+        "model": name,
+        "seed": seed,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_epoch": round(train_seconds / max(len(history), 1), 3),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "val_clean": clean_m,
+        "val_disrupted": disrupted_m,
+        "val_score": 0.5 * (clean_m["f1_macro"] + disrupted_m["f1_macro"]),
+        "history": history,
+    }
+    return TrainResult(model, metrics, queue)
+
+
+@torch.no_grad()
+def build_queue(model: nn.Module, train: FeatureTable) -> dict[str, np.ndarray]:
+    """Projected features of clean, complete, confident training posts (last K, FIFO order).
+
+    The model's own queue (DRF, serving head) is refilled with them, so ``head.pt`` and ``queue.npz``
+    agree. Heads without the three projectors get empty arrays.
+    """
+    projectors = getattr(model, "projectors", None)
+    queue = getattr(model, "queue", None)
+    d = int(getattr(getattr(model, "cfg", None), "d", 0))
+    if not isinstance(projectors, nn.ModuleDict):
+        return {m: np.zeros((0, d), dtype=np.float32) for m in MODALITIES}
+    complete = np.flatnonzero(train.available.min(1) > 0)
+    view = table_view(train.rows(complete))
+    confident = predict_proba(model, view).max(-1) >= CONFIDENT
+    if confident.sum() < 2:
+        confident[:] = True
+    model.eval()
+    h = project_all(projectors, view)[torch.from_numpy(confident)]
+    length = queue.length if queue is not None else 1024
+    h = h[-length:]
+    if queue is not None:
+        queue.count.zero_()
+        queue.ptr.zero_()
+        for m in range(N_MODALITIES):
+            queue.enqueue(m, h[:, m])
+    return {m: h[:, i].numpy().astype(np.float32) for i, m in enumerate(MODALITIES)}
+
+
+class _Progress:
+    """Epoch progress with rich (falls back to log lines)."""
+
+    def __init__(self, enabled: bool, total: int, name: str) -> None:
+        self.progress: Any = None
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(name, total=total, info="")
+
+    def update(self, epoch: int, record: dict[str, float]) -> None:
+        info = (
+            f"loss {sum(v for k, v in record.items() if k.startswith('loss_')):.3f} "
+            f"val clean {record['val_clean_f1_macro']:.3f} disrupted {record['val_disrupted_f1_macro']:.3f}"
+        )
+        if self.progress is not None:
+            self.progress.update(self.task, completed=epoch, info=info)
+        else:
+            log.debug("epoch %d %s", epoch, info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _progress(enabled: bool, total: int, name: str) -> _Progress:
+    return _Progress(enabled, total, name)
+
+
+# -- model dirs --------------------------------------------------------------------------------
+
+
+def save_model_dir(out: Path, result: TrainResult, config: Any, extra: dict[str, Any]) -> None:
+    """Write ``config.json``, ``head.pt``, ``queue.npz`` and ``metrics.json`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": result.metrics["model"],
+        "config": dataclasses.asdict(config),
+        "modalities": list(MODALITIES),
+        "labels": list(LABELS),
+        "feature_dims": dict(FEATURE_DIMS),
+        "d": int(getattr(config, "d", 0)),
+        **extra,
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    torch.save(result.model.state_dict(), out / "head.pt")
+    np.savez(out / "queue.npz", **result.queue)  # type: ignore[arg-type]
+    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
+
+
+def load_model_dir(model_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained head from its model dir; returns (model in eval mode, config.json)."""
+    meta = json.loads((model_dir / "config.json").read_text())
+    config = config_from_dict(MODELS[meta["model"]][0], meta["config"])
+    model = build_model(meta["model"], config)
+    model.load_state_dict(torch.load(model_dir / "head.pt", map_location="cpu", weights_only=True))
+    return model.eval(), meta
+
+
+# -- command -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping)")
+    parser.add_argument("--out", type=Path, required=True, help="trained model dir to write")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="random")
+    parser.add_argument("--recovery", choices=("fsrf", "drf"), default=None, help="serving head only")
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        choices=sorted(set(DRF_PARTS) | set(FSRF_PARTS)),
+        help="switch one part off (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. drf.quality_tau=2 (repeatable)",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--disrupt-ratio", type=float, default=TrainDisruption.ratio)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N synthetic rows instead of the cache (smoke runs)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def make_config(name: str, ablate: Sequence[str], overrides: Sequence[str], recovery: str | None) -> Any:
+    config = default_config(name)
+    if recovery is not None:
+        if name != "serving":
+            raise SystemExit("--recovery applies to the serving head only")
+        config.recovery = recovery
+    for part in ablate:
+        apply_ablation(name, config, part)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_config_value(config, key, value)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    config = make_config(args.model, args.ablate, args.overrides, args.recovery)
+    train_split, val_split, _ = SPLITS[args.split]
+    if args.synthetic:
+        train = synthetic_table(args.synthetic, seed=1)
+        val = synthetic_table(max(args.synthetic // 5, 64), seed=2)
+    else:
+        train = load_table(args.data_dir, train_split)
+        val = load_table(args.data_dir, val_split)
+    disruption = TrainDisruption(ratio=args.disrupt_ratio)
+    result = train_model(
+        args.model,
+        config,
+        train,
+        val,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        disruption=disruption,
+        progress=not args.no_progress,
+    )
+    extra = {
+        "seed": args.seed,
+        "split": args.split,
+        "splits": {"train": train_split, "val": val_split},
+        "data_dir": str(args.data_dir) if not args.synthetic else f"synthetic:{args.synthetic}",
+        "ablate": list(args.ablate),
+        "overrides": list(args.overrides),
+        "train": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "patience": args.patience,
+            "disruption": dataclasses.asdict(disruption),
+        },
+        "data_meta": train.meta,
+        "queue_len": int(next(iter(result.queue.values())).shape[0]),
+    }
+    save_model_dir(args.out, result, config, extra)
+    m = result.metrics
+    log.info(
+        "%s seed %d: best epoch %d/%d, %.1fs; val clean macro-F1 %.4f, disrupted %.4f -> %s",
+        args.model,
+        args.seed,
+        m["best_epoch"],
+        m["epochs_run"],
+        m["train_seconds"],
+        m["val_clean"]["f1_macro"],
+        m["val_disrupted"]["f1_macro"],
+        args.out,
+    )
+    return 0
