@@ -83,7 +83,9 @@ def write_scrape_config(
             "evaluation_interval": scrape_interval,
             "scrape_timeout": scrape_interval,
         },
-        "scrape_configs": [{"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": [
+            {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": list(targets)}]}
+        ],
     }
     if rule_files:
         config["rule_files"] = [str(p) for p in rule_files]
@@ -141,6 +143,10 @@ class PrometheusServer:
                 raise PrometheusError(f"{expr!r} had no value after {timeout:.0f} s; targets: {self.targets()}")
             self.check_running()
             time.sleep(interval)
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """Values of ``label`` on the series selected by ``match`` (Grafana's ``label_values``)."""
+        return list(self._get(f"/api/v1/label/{label}/values", {"match[]": match}))
 
     def targets(self) -> list[dict[str, Any]]:
         """Active scrape targets with their health (``up`` | ``down`` | ``unknown``) and last error."""
