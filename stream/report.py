@@ -395,16 +395,22 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def _metric_table(metrics: Mapping[str, Any], section: str) -> list[str]:
     scorers = list(metrics)
-    keys = list(dict.fromkeys(k for s in scorers for k in metrics[s][section]))
-    head = "| group | n | " + " | ".join(f"{s} acc | {s} wF1 | {s} mF1" for s in scorers) + " |"
-    lines = [head, "|---|---|" + "---|---|---|" * len(scorers)]
+
+    def groups(scorer: str) -> Mapping[str, Any]:
+        table = metrics[scorer][section]
+        return {"all": table} if section == "overall" else table
+
+    keys = list(dict.fromkeys(k for s in scorers for k in groups(s)))
+    head = "| group | " + " | ".join(f"{s} n | {s} acc | {s} wF1 | {s} mF1" for s in scorers) + " |"
+    lines = [head, "|---|" + "---|---|---|---|" * len(scorers)]
     for key in keys:
-        n = metrics[scorers[0]][section].get(key, {}).get("n", 0)
         cells = []
         for s in scorers:
-            m = metrics[s][section].get(key)
-            cells += [_f(m["accuracy"]), _f(m["weighted_f1"]), _f(m["macro_f1"])] if m else ["–"] * 3
-        lines.append(f"| {key} | {n} | " + " | ".join(cells) + " |")
+            m = groups(s).get(key)
+            cells += (
+                [str(m["n"]), _f(m["accuracy"]), _f(m["weighted_f1"]), _f(m["macro_f1"])] if m else ["0"] + ["–"] * 3
+            )
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
 
 
