@@ -135,7 +135,8 @@ def load_table(data_dir: Path, split: str, variant: str = "clean") -> FeatureTab
         np.asarray(x, dtype=np.float32) * available[:, i : i + 1]
         for i, x in enumerate((fs.text, fs.image, fs.transcript))
     )
-    meta = dict(getattr(fs, "meta", {}) or {})
+    # per-post arrays stay out: meta is copied into config.json
+    meta = {k: v for k, v in (getattr(fs, "meta", {}) or {}).items() if isinstance(v, str | int | float | bool | None)}
     return FeatureTable(np.asarray(fs.ids), features, available, np.asarray(fs.label, dtype=np.int64), meta)  # type: ignore[arg-type]
 
 

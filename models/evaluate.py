@@ -1,0 +1,406 @@
+"""``sentiment-stream evaluate``: the robustness protocol over methods and seeds.
+
+    sentiment-stream evaluate --runs-dir RUNS --out DIR [--data-dir D] [--split random|topic|control]
+        [--methods TAG ...] [--ablations] [--seeds 0 1 2] [--train-missing --epochs E]
+
+A *method* is a trained head plus its options (``serving_fsrf`` = serving head trained with FSRF
+recovery; ``fsrf-no_orth`` = FSRF with the orthogonality loss off). Runs live in
+``RUNS/<split>/<tag>/seed<S>/`` (the trained model dir layout); ``--train-missing`` trains the
+missing ones first with ``models.train``.
+
+Every condition of :func:`models.disruptions.protocol_grid` is evaluated on the test split of
+``--split``: clean; Fixed C / D / C+D on each modality; Random ratios 0.2…1.0; every non-empty subset of
+modalities; intra-modal rates 0.0…0.9. Corruption uses the *real* corrupted feature variants
+(``corrupt_<m>``, ``rate_<m>_<r>``); a condition whose variant is not in the cache is reported as
+skipped. The disruption plan of a run is drawn with that run's seed, so the spread over seeds covers
+both training and disruption randomness. Writes ``results.json``, ``results.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.common import MODALITIES, View, classification_metrics
+from models.disruptions import INTRA_RATES, RANDOM_RATIOS, Condition, plan_condition, protocol_grid
+from models.train import (
+    DEFAULT_DATA_DIR,
+    DRF_PARTS,
+    FSRF_PARTS,
+    SPLITS,
+    FeatureTable,
+    TrainDisruption,
+    load_model_dir,
+    load_table,
+    make_config,
+    predict_proba,
+    save_model_dir,
+    train_model,
+)
+
+__all__ = ["ABLATION_METHODS", "MAIN_METHODS", "EvalData", "Method", "add_arguments", "evaluate_run", "run"]
+
+log = logging.getLogger(__name__)
+METRICS: Final = ("accuracy", "f1_weighted", "f1_macro")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A head, its recovery path (serving head) and the parts switched off (ablations)."""
+
+    tag: str
+    model: str
+    recovery: str | None = None
+    ablate: tuple[str, ...] = ()
+
+
+MAIN_METHODS: Final = (
+    Method("text_only", "text_only"),
+    Method("late_zero", "late_zero"),
+    Method("early_dropout", "early_dropout"),
+    Method("drf", "drf"),
+    Method("fsrf", "fsrf"),
+    Method("serving_fsrf", "serving", "fsrf"),
+    Method("serving_drf", "serving", "drf"),
+)
+ABLATION_METHODS: Final = (
+    *(Method(f"drf-no_{p}", "drf", ablate=(p,)) for p in DRF_PARTS),
+    *(Method(f"fsrf-no_{p}", "fsrf", ablate=(p,)) for p in FSRF_PARTS),
+)
+METHODS: Final = {m.tag: m for m in (*MAIN_METHODS, *ABLATION_METHODS)}
+
+
+# -- test data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """The clean test table and the real corrupted variants that exist for it."""
+
+    clean: FeatureTable
+    corrupt: dict[str, np.ndarray]  # modality -> corrupted features, rows aligned with ``clean``
+    rates: dict[str, FeatureTable]  # rate variant name -> its table (a subset of posts)
+
+    @classmethod
+    def load(cls, data_dir: Path, split: str) -> EvalData:
+        clean = load_table(data_dir, split)
+        position = {str(i): n for n, i in enumerate(clean.ids)}
+        corrupt: dict[str, np.ndarray] = {}
+        for m, modality in enumerate(MODALITIES):
+            try:
+                variant = load_table(data_dir, split, f"corrupt_{modality}")
+            except FileNotFoundError:
+                continue
+            rows = np.array([position[str(i)] for i in variant.ids])
+            full = clean.features[m].copy()  # a post the variant lacks stays clean (none expected)
+            full[rows] = variant.features[m]
+            corrupt[modality] = full
+        rates: dict[str, FeatureTable] = {}
+        for condition in protocol_grid():
+            if condition.family != "rate":
+                continue
+            name = next(iter(condition.variants.values()))
+            try:
+                rates[name] = load_table(data_dir, split, name)
+            except (FileNotFoundError, ValueError):
+                continue
+        return cls(clean, corrupt, rates)
+
+
+def condition_view(data: EvalData, condition: Condition, seed: int) -> tuple[View, np.ndarray] | None:
+    """Features, presence and labels of the test posts under ``condition``; ``None`` if not evaluable."""
+    if condition.family == "rate":
+        name = next(iter(condition.variants.values()))
+        table = data.rates.get(name)
+        if table is None:
+            return None
+        return _view(table.features, table.available), table.label
+    needed = condition.variants
+    if any(m not in data.corrupt for m in needed):
+        return None
+    clean = data.clean
+    rng = np.random.default_rng([seed, zlib.crc32(condition.name.encode())])
+    plan = plan_condition(condition, len(clean), rng)
+    present = plan.present & (clean.available > 0)
+    nothing = ~present.any(1)
+    present[nothing, 0] = True  # a post keeps its text rather than vanish (text always exists)
+    features = []
+    for m, modality in enumerate(MODALITIES):
+        x = clean.features[m]
+        hit = plan.corrupted[:, m] & present[:, m]
+        if hit.any():
+            x = np.where(hit[:, None], data.corrupt[modality], x)
+        features.append(x * present[:, m : m + 1])
+    return _view(features, present.astype(np.float32)), clean.label
+
+
+def _view(features: Sequence[np.ndarray], present: np.ndarray) -> View:
+    text, image, transcript = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in features)
+    return View(text, image, transcript, torch.from_numpy(np.ascontiguousarray(present, dtype=np.float32)))
+
+
+def evaluate_run(model: nn.Module, data: EvalData, seed: int) -> dict[str, dict[str, float]]:
+    """Metrics of one trained head on every evaluable condition."""
+    out: dict[str, dict[str, float]] = {}
+    for condition in protocol_grid():
+        built = condition_view(data, condition, seed)
+        if built is None:
+            continue
+        view, label = built
+        out[condition.name] = classification_metrics(label, predict_proba(model, view).argmax(-1))
+    return out
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+def run_dir(runs_dir: Path, split: str, method: Method, seed: int) -> Path:
+    return runs_dir / split / method.tag / f"seed{seed}"
+
+
+def train_run(
+    method: Method,
+    seed: int,
+    split: str,
+    train: FeatureTable,
+    val: FeatureTable,
+    out: Path,
+    epochs: int,
+    data_dir: Path,
+) -> None:
+    """Train one (method, seed) into ``out`` exactly as ``sentiment-stream train`` would."""
+    config = make_config(method.model, method.ablate, (), method.recovery)
+    disruption = TrainDisruption()
+    result = train_model(method.model, config, train, val, seed=seed, epochs=epochs, disruption=disruption)
+    train_split, val_split, _ = SPLITS[split]
+    extra = {
+        "seed": seed,
+        "split": split,
+        "splits": {"train": train_split, "val": val_split},
+        "data_dir": str(data_dir),
+        "ablate": list(method.ablate),
+        "overrides": [],
+        "tag": method.tag,
+        "train": {"epochs": epochs, "batch_size": 256, "lr": 1e-3, "patience": 5, "disruption": vars(disruption)},
+        "data_meta": train.meta,
+        "queue_len": int(next(iter(result.queue.values())).shape[0]),
+    }
+    save_model_dir(out, result, config, extra)
+
+
+def _aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    conditions = sorted({c for res in per_seed.values() for c in res})
+    agg: dict[str, dict[str, dict[str, float]]] = {}
+    for c in conditions:
+        agg[c] = {}
+        for metric in METRICS:
+            values = [res[c][metric] for res in per_seed.values() if c in res]
+            agg[c][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+    return agg
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _cell(agg: dict[str, Any], method: str, condition: str, metric: str) -> str:
+    entry = agg.get(method, {}).get(condition, {}).get(metric)
+    if entry is None:
+        return "—"
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """Markdown tables (mean ± std over seeds, in percent) of every condition family."""
+    agg = results["aggregate"]
+    methods = list(agg)
+    conditions = [c.name for c in protocol_grid()]
+    lines = [
+        f"# Robustness results — split `{results['split']}` (test: `{results['test_split']}`)",
+        "",
+        f"Seeds: {results['seeds']}. Cells: mean ± std over seeds, in percent. "
+        "C = corrupt (real corrupted features), D = discard, C+D = either, with probability 1/2.",
+        "",
+    ]
+    families = [
+        ("Clean and Fixed (one modality always disrupted)", lambda c: c == "clean" or c.startswith("fixed_")),
+        ("Random (ratio of posts disrupted, one random modality each)", lambda c: c.startswith("random_")),
+        ("Modality subsets (the others discarded)", lambda c: c.startswith("subset_")),
+        ("Intra-modal corruption rate (documented test subset)", lambda c: c.startswith("rate_")),
+    ]
+    for metric in ("f1_weighted", "f1_macro", "accuracy"):
+        for title, keep in families:
+            rows = [c for c in conditions if keep(c) and any(c in agg[m] for m in methods)]
+            if not rows:
+                continue
+            lines += [f"## {title} — {metric}", "", "| condition | " + " | ".join(methods) + " |"]
+            lines.append("|---|" + "---|" * len(methods))
+            for c in rows:
+                lines.append(f"| {c} | " + " | ".join(_cell(agg, m, c, metric) for m in methods) + " |")
+            lines.append("")
+    if results.get("train_seconds"):
+        lines += ["## Training time (seconds, this CPU, 1 thread)", "", "| method | mean | std | epochs |"]
+        lines.append("|---|---|---|---|")
+        for m, t in results["train_seconds"].items():
+            lines.append(f"| {m} | {t['mean']:.1f} | {t['std']:.1f} | {t['epochs']:.1f} |")
+        lines.append("")
+    skipped = results.get("skipped", [])
+    if skipped:
+        lines += [f"Skipped (feature variant not in the cache): {', '.join(skipped)}", ""]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """F1 vs Random ratio (per C / D / C+D) and F1 vs intra-modal rate (per modality), per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = results["aggregate"]
+    written: list[Path] = []
+
+    def curve(ax: Any, method: str, names: list[str], xs: Sequence[float], metric: str) -> None:
+        points = [(x, agg[method][n][metric]) for x, n in zip(xs, names, strict=True) if n in agg[method]]
+        if not points:
+            return
+        x, entries = zip(*points, strict=True)
+        mean = np.array([100 * e["mean"] for e in entries])
+        std = np.array([100 * e["std"] for e in entries])
+        ax.plot(x, mean, marker="o", label=method)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+
+    for metric in ("f1_weighted", "f1_macro"):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+        for ax, kind in zip(axes, ("C", "D", "C+D"), strict=True):
+            names = ["clean"] + [f"random_{kind}_{r:.1f}" for r in RANDOM_RATIOS]
+            for method in agg:
+                curve(ax, method, names, [0.0, *RANDOM_RATIOS], metric)
+            ax.set_title(f"Random {kind}")
+            ax.set_xlabel("ratio of posts disrupted")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(f"{metric} (%)")
+        if axes[-1].get_legend_handles_labels()[0]:
+            axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"random_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+        for ax, modality in zip(axes, MODALITIES, strict=True):
+            names = [f"rate_{modality}_{r:.1f}" for r in INTRA_RATES]
+            for method in agg:
+                curve(ax, method, names, INTRA_RATES, metric)
+            ax.set_title(f"intra-modal rate: {modality}")
+            ax.set_xlabel("missing rate")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(f"{metric} (%)")
+        if axes[-1].get_legend_handles_labels()[0]:
+            axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"rates_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- command -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", type=Path, required=True, help="RUNS/<split>/<method>/seed<S>/")
+    parser.add_argument("--out", type=Path, required=True, help="where results.json, results.md, *.png go")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="random")
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), help="default: main methods")
+    parser.add_argument("--ablations", action="store_true", help="add the DRF and FSRF ablations")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-missing", action="store_true", help="train runs that do not exist yet")
+    parser.add_argument("--train-only", action="store_true", help="train missing runs, evaluate nothing")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    tags = args.methods or [m.tag for m in MAIN_METHODS]
+    if args.ablations:
+        tags += [m.tag for m in ABLATION_METHODS if m.tag not in tags]
+    methods = [METHODS[t] for t in tags]
+    train_split, val_split, test_split = SPLITS[args.split]
+
+    if args.train_missing or args.train_only:
+        missing = [
+            (m, s)
+            for m in methods
+            for s in args.seeds
+            if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
+        ]
+        if missing:
+            train = load_table(args.data_dir, train_split)
+            val = load_table(args.data_dir, val_split)
+            for method, seed in missing:
+                log.info("training %s seed %d on %s", method.tag, seed, args.split)
+                out = run_dir(args.runs_dir, args.split, method, seed)
+                train_run(method, seed, args.split, train, val, out, args.epochs, args.data_dir)
+        if args.train_only:
+            return 0
+
+    data = EvalData.load(args.data_dir, test_split)
+    skipped = [c.name for c in protocol_grid() if condition_view(data, c, 0) is None]
+    per_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    seconds: dict[str, dict[str, float]] = {}
+    started = time.perf_counter()
+    for method in methods:
+        per_seed: dict[int, dict[str, dict[str, float]]] = {}
+        times, epochs = [], []
+        for seed in args.seeds:
+            path = run_dir(args.runs_dir, args.split, method, seed)
+            if not (path / "head.pt").exists():
+                log.warning("no run %s: skipped (use --train-missing)", path)
+                continue
+            model, _ = load_model_dir(path)
+            if method.recovery is not None:
+                model.set_recovery(method.recovery)  # type: ignore[operator]
+            per_seed[seed] = evaluate_run(model, data, seed)
+            metrics = json.loads((path / "metrics.json").read_text())
+            times.append(metrics["train_seconds"])
+            epochs.append(metrics["epochs_run"])
+        if per_seed:
+            per_method[method.tag] = per_seed
+            seconds[method.tag] = {
+                "mean": float(np.mean(times)),
+                "std": float(np.std(times)),
+                "epochs": float(np.mean(epochs)),
+            }
+    results = {
+        "split": args.split,
+        "test_split": test_split,
+        "seeds": list(args.seeds),
+        "n_test": len(data.clean),
+        "data_meta": data.clean.meta,
+        "skipped": skipped,
+        "per_seed": per_method,
+        "aggregate": {tag: _aggregate(res) for tag, res in per_method.items()},
+        "train_seconds": seconds,
+        "eval_seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    (args.out / "results.md").write_text(markdown_report(results))
+    plots = plot_results(results, args.out)
+    log.info("results for %d methods in %s (%d plots)", len(per_method), args.out, len(plots))
+    return 0
