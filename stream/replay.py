@@ -554,6 +554,9 @@ class _Collector:
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # Short fetch waits: publish→receive latency is measured here, and Tansu may hold a fetch
+            # for the full wait even when records arrive.
+            fetch_max_wait_ms=25,
         )
         await consumer.start()
         try:

@@ -302,8 +302,8 @@ def summarize(result: ReplayResult, baselines: Mapping[str, Iterable[Prediction]
             "publish_to_receive": _percentiles(latency_transport),
             "note": (
                 "event: latency_s of each event (emit - event ts; event ts is the publish time unless "
-                "--keep-ts); publish_to_receive: collector receive time - publish time (includes the "
-                "collector's poll interval, up to 0.2 s)"
+                "--keep-ts); publish_to_receive: collector receive time - publish time (adds the "
+                "collector's fetch delay, up to 25 ms)"
                 + (
                     "; WARNING: --keep-ts was set, so event latency is measured from the recorded time"
                     if result.options.get("keep_ts")
@@ -483,7 +483,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
         "",
         "| what | count |",
         "|---|---|",
-        *[f"| {k.replace('_', ' ')} | {v} |" for k, v in d.items() if not k.endswith("_ids") and k != "note"],
+        *[f"| {k.replace('_', ' ')} | {v} |" for k, v in d.items() if not isinstance(v, list) and k != "note"],
         "",
         f"Lost event ids (first {_LIST_LIMIT}): {', '.join(d['lost_event_ids']) or 'none'}.",
         "",

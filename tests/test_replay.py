@@ -338,7 +338,8 @@ def _hand_made_result() -> ReplayResult:
         return PublishedPost(id=f"R:{pid}", original_id=pid, label=label, present=present, publish_ts=100.0, **kw)  # type: ignore[arg-type]
 
     def event(pid: str, label: str, present: tuple[str, ...], latency: float, receive: float) -> ReceivedEvent:
-        probs = tuple(0.8 if lab == label else 0.1 for lab in LABELS)
+        p = [0.8 if lab == label else 0.1 for lab in LABELS]
+        probs = (p[0], p[1], p[2])
         return ReceivedEvent(
             id=f"R:{pid}", label=label, probs=probs, present=present, recovered=(), recovery="fsrf", model="m",
             latency_s=latency, receive_ts=receive,
@@ -473,7 +474,10 @@ async def _worker_double(settings: Settings, stop: asyncio.Event, duplicate_firs
     per invalid one. It predicts the post's own label when an image is present, else ``neutral``, and
     sends the first event twice (an at-least-once redelivery)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, group_id=None, auto_offset_reset="earliest"
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=25,
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=2)
     await consumer.start()
