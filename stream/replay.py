@@ -136,6 +136,18 @@ class Faults:
         if bad or not self.image_corruption:
             raise ValueError(f"image corruptions must be a non-empty subset of {IMAGE_CORRUPTIONS}")
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Faults:
+        """The faults of a stored run (``ReplayResult.options["faults"]``), e.g. to plan a baseline's inputs."""
+        return cls(
+            drop=dict(d.get("drop", {})),
+            corrupt=dict(d.get("corrupt", {})),
+            malformed=float(d.get("malformed", 0.0)),
+            malformed_kinds=tuple(d.get("malformed_kinds", MALFORMED_KINDS)),
+            image_corruption=tuple(d.get("image_corruption", ("mask", "blur"))),
+            seed=int(d.get("seed", 0)),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "drop": dict(self.drop),

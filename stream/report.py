@@ -32,6 +32,7 @@ __all__ = [
     "classification_metrics",
     "compare_reports",
     "normalize_predictions",
+    "prediction_tables",
     "scorer_tables",
     "served_predictions",
     "summarize",
@@ -330,13 +331,29 @@ def build_report(
     result.save(out / "result.json")
     plots = _plots(report, result, out)
     report["plots"] = plots
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_nan_safe) + "\n")
+    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report
 
 
-def _nan_safe(obj: Any) -> Any:
-    return str(obj)
+def _strict_json(obj: Any) -> Any:
+    """NaN (an empty group's metric) becomes null: strict JSON readers reject NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
+def prediction_tables(result: ReplayResult, predictions: Iterable[Prediction]) -> dict[str, Any]:
+    """:func:`scorer_tables` of ``(id, label, probs)`` predictions on the posts of ``result``.
+
+    For a baseline scored offline on the same faulted inputs (see :func:`stream.replay.plan_recording`
+    with ``Faults.from_dict(result.options["faults"])`` and ``run_id=result.run_id``).
+    """
+    return scorer_tables(result.posts, normalize_predictions(predictions, result.run_id))
 
 
 def compare_reports(
@@ -353,7 +370,7 @@ def compare_reports(
         for scorer, tables in report["metrics"].items():
             rows.append({"x": x, "scorer": scorer, "run_id": report["run"]["run_id"], **tables["overall"]})
     comparison = {"x_label": x_label, "rows": rows}
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
+    (out / "comparison.json").write_text(json.dumps(_strict_json(comparison), indent=1, allow_nan=False) + "\n")
     lines = [
         f"# Robustness across {x_label}",
         "",

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import json
 import math
 import os
+import threading
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -20,6 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from PIL import Image
 
 from models.disruptions import MASK_TOKEN
+from stream import recording as recording_module
+from stream import replay as replay_module
 from stream.events import LABELS, DeadLetter, Post, PostRejected, SentimentEvent, decode_post
 from stream.recording import (
     Record,
@@ -45,7 +51,7 @@ from stream.replay import (
     plan_recording,
     replay,
 )
-from stream.report import build_report, classification_metrics, compare_reports, summarize
+from stream.report import build_report, classification_metrics, compare_reports, prediction_tables, summarize
 from stream.roundtrip import produce_posts, sample_posts
 from stream.settings import Settings, get_settings
 
@@ -441,6 +447,7 @@ def test_baseline_predictions_get_the_same_tables_side_by_side(tmp_path: Path) -
     assert zero_fill["coverage"] == {"labelled_valid": 5, "scored": 4}
     assert zero_fill["overall"]["accuracy"] == pytest.approx(3 / 4)
     assert zero_fill["fault"]["drop:image"]["accuracy"] == 1.0
+    assert prediction_tables(result, baseline) == zero_fill
     for name in (
         "report.json",
         "report.md",
@@ -555,6 +562,64 @@ def test_replay_publishes_faulted_posts_and_collects_every_outcome(fresh_topics:
     assert report["latency_s"]["event"]["n"] == d["expected_events"]
     assert 0 <= report["latency_s"]["event"]["p99"] < 10  # measured from the publish time we set
     assert (tmp_path / "report" / "report.md").exists()
+    # a baseline can be scored offline on exactly the inputs the worker saw
+    offline = [p.info for p in plan_recording(rec, Faults.from_dict(result.options["faults"]), run_id=result.run_id)]
+    assert offline == [dataclasses.replace(p, publish_ts=0.0) for p in result.posts]
+
+
+def _worker_double_in_a_thread(settings: Settings) -> Callable[[], None]:
+    """Start :func:`_worker_double` on its own loop (for code under test that calls asyncio.run); returns stop()."""
+    ready = threading.Event()
+    loop_and_stop: list[Any] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop_and_stop.extend([asyncio.get_running_loop(), stop])
+        ready.set()
+        await _worker_double(settings, stop, duplicate_first=False)
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(10)
+
+    def stop() -> None:
+        loop, event = loop_and_stop
+        loop.call_soon_threadsafe(event.set)
+        thread.join(30)
+
+    return stop
+
+
+@integration
+def test_record_and_replay_commands(fresh_topics: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recording_module, "get_settings", lambda: fresh_topics)
+    monkeypatch.setattr(replay_module, "get_settings", lambda: fresh_topics)
+    asyncio.run(produce_posts(fresh_topics, sample_posts(40, "cli")))
+
+    record_parser = argparse.ArgumentParser()
+    recording_module.add_arguments(record_parser)
+    out = tmp_path / "cli.srec"
+    args = record_parser.parse_args(
+        ["--topic", fresh_topics.topic_posts, "--out", str(out), "--from-beginning", "--idle-timeout", "1.5"]
+    )
+    assert recording_module.run(args) == 0
+    assert read_header(out).topic == fresh_topics.topic_posts and len(list(RecordingReader(out))) == 40
+
+    replay_parser = argparse.ArgumentParser()
+    add_arguments(replay_parser)
+    report_dir = tmp_path / "cli-report"
+    args = replay_parser.parse_args(
+        [str(out), "--as-fast-as-possible", "--drop", "transcript=0.5", "--corrupt", "text=0.5", "--malformed",
+         "0.1", "--seed", "9", "--report", str(report_dir), "--timeout", "30", "--no-progress"]
+    )  # fmt: skip
+    stop_double = _worker_double_in_a_thread(fresh_topics)
+    try:
+        assert replay_module.run(args) == 0
+    finally:
+        stop_double()
+    report = json.loads((report_dir / "report.json").read_text())  # strict JSON: no NaN
+    assert report["delivery"]["published"] == 40 and report["delivery"]["lost_events"] == 0
+    assert report["run"]["options"]["faults"]["seed"] == 9 and report["run"]["options"]["speed"] is None
 
 
 @integration
