@@ -33,6 +33,7 @@ from stream.recording import (
     RecordingHeader,
     RecordingReader,
     RecordingWriter,
+    benchmark_posts,
     read_header,
     record_topic,
     write_recording,
@@ -158,6 +159,45 @@ def test_write_recording_has_synthetic_poisson_arrivals_and_contract_fields_only
     first = msgpack.unpackb(records[0].value)
     assert set(first) == {"id", "ts", "text", "label"} and first["ts"] == records[0].ts
     assert msgpack.unpackb(records[0].header("meta") or b"") == {"synthetic_pairing": True, "image_id": "img0"}
+
+
+def test_benchmark_posts_resolve_images_and_transcripts_into_a_recording(tmp_path: Path) -> None:
+    data = tmp_path / "bench"
+    (data / "posts").mkdir(parents=True)
+    (data / "pools" / "images").mkdir(parents=True)
+    (data / "pools" / "images" / "e1.png").write_bytes(_png())
+    image = {
+        "id": "img-1",
+        "codepoints": "1f600",
+        "name": "grin",
+        "style": "noto",
+        "pool": "test",
+        "label": "positive",
+        "score": 0.6,
+        "occurrences": 100,
+        "file": "e1.png",
+    }
+    transcript = {
+        "id": "tr-1",
+        "genre": "movie",
+        "source_id": "1",
+        "text": "what a great film",
+        "mean_rating": 2.5,
+        "pool": "test",
+        "label": "positive",
+    }
+    row = {"id": "t1", "split": "test", "label": "positive", "text": "love it", "topic": "x", "confidence": 1.0,
+           "image_id": "img-1", "image_label": "positive", "transcript_id": "tr-1", "transcript_label": "positive",
+           "synthetic_pairing": True}  # fmt: skip
+    (data / "pools" / "images.jsonl").write_text(json.dumps(image) + "\n")
+    (data / "pools" / "transcripts.jsonl").write_text(json.dumps(transcript) + "\n")
+    (data / "posts" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    write_recording(tmp_path / "test.srec", benchmark_posts(data, "test"), start_ts=0.0, rate=5.0)
+    (record,) = RecordingReader(tmp_path / "test.srec")
+    post = decode_post(record.value)
+    assert (post.id, post.text, post.transcript, post.label) == ("t1", "love it", "what a great film", "positive")
+    assert post.image == _png()
+    assert msgpack.unpackb(record.header("meta") or b"")["synthetic_pairing"] is True
 
 
 # -- recording a real topic ------------------------------------------------------------------------
