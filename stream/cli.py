@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("models.evaluate", "run the robustness protocol and write results"),
     "export": ("export.onnx_export", "export encoders and head to ONNX with a manifest and parity report"),
     "worker": ("stream.worker", "run the Faust streaming worker"),
+    "record": ("stream.recording", "record a topic into a replayable file"),
+    "replay": ("stream.replay", "replay a recording with injected faults and write a robustness report"),
 }
 
 
