@@ -597,9 +597,11 @@ def _plots(report: Mapping[str, Any], result: ReplayResult, out: Path) -> list[s
         "dup copies": d["duplicate_event_copies"],
     }
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(outcomes) + 2), 4))
-    ax.bar(list(outcomes), list(outcomes.values()), color="tab:blue")
+    bars = ax.bar(list(outcomes), list(outcomes.values()), color="tab:blue")
+    ax.bar_label(bars)  # small counts (lost, duplicates) matter most and would be invisible bars
+    ax.set_yscale("symlog")
     ax.set_xticks(range(len(outcomes)), list(outcomes), rotation=35, ha="right")
-    ax.set_ylabel("posts")
+    ax.set_ylabel("posts (symlog)")
     ax.set_title("outcomes")
     fig.tight_layout()
     fig.savefig(out / "outcomes.png", dpi=110)
