@@ -73,6 +73,8 @@ def exposed_series() -> dict[str, frozenset[str]]:
 
 SERIES = exposed_series()
 SETTINGS_FIELDS = frozenset(Settings.model_fields)
+# The settings' defaults, whatever SENTIMENT_* variables this test run has.
+DEFAULTS = Settings.model_construct()
 
 
 def setting_name(env: str) -> str:
@@ -246,7 +248,7 @@ def test_every_alert_has_a_runbook_section_in_the_readme() -> None:
 def test_latency_alert_threshold_is_the_slo_and_a_bucket_boundary() -> None:
     (rule,) = [r for r in load_alert_rules() if r["alert"] == "SentimentLatencyP99OverSLO"]
     threshold = float(re.search(r">\s*([0-9.]+)\s*$", rule["expr"].strip()).group(1))  # type: ignore[union-attr]
-    slo = Settings().latency_slo_s
+    slo = DEFAULTS.latency_slo_s
     assert threshold == slo
     assert slo in latency_buckets(slo)
     assert f'le="{slo:g}"' in DASHBOARD.read_text().replace('\\"', '"')
@@ -316,7 +318,7 @@ def test_compose_kafka_runs_kraft_and_init_creates_the_topics_with_partitions() 
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     script = "\n".join(services["kafka-init"]["command"])
-    settings = Settings()
+    settings = DEFAULTS
     for topic in settings.topics:
         assert re.search(rf"\b{re.escape(topic)}\b", script), f"kafka-init does not create {topic}"
     assert "--partitions" in script and "--if-not-exists" in script
@@ -334,7 +336,6 @@ def test_compose_worker_scales_and_is_scraped_by_prometheus() -> None:
     services = load_compose()["services"]
     worker = services["worker"]
     assert "container_name" not in worker and "ports" not in worker, "fixed names or host ports break --scale"
-    check_cli(worker["command"])
     env = worker["environment"]
     Settings(**{setting_name(k): v for k, v in env.items() if "${" not in str(v)})  # values validate
     assert env["SENTIMENT_METRICS_HOST"] == "0.0.0.0" and env["SENTIMENT_WEB_HOST"] == "0.0.0.0"
@@ -371,10 +372,28 @@ def test_dockerfile_builds_the_service_only_as_non_root_with_a_health_check() ->
     assert gpu.index("pip uninstall -y onnxruntime") < gpu.index('pip install "${spec}"')
     assert re.search(r"^USER 10001", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
-    check_cli(json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1)))  # type: ignore[union-attr]
     assert json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1)) == ["sentiment-stream"]  # type: ignore[union-attr]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'gpu = \["onnxruntime-gpu==[0-9.]+"\]', pyproject), "the Dockerfile reads this pin"
+
+
+def deploy_commands() -> dict[str, list[str]]:
+    """Every `sentiment-stream` invocation in deploy/: the arguments after the executable."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    assert entrypoint == ["sentiment-stream"]
+    (container,) = k8s_object("Deployment", "sentiment-worker")["spec"]["template"]["spec"]["containers"]
+    k8s_argv = container.get("command", entrypoint)[1:] + container.get("args", [])
+    return {
+        "Dockerfile CMD": json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1)),  # type: ignore[union-attr]
+        "compose worker": load_compose()["services"]["worker"]["command"],
+        "k8s worker": k8s_argv,
+    }
+
+
+@pytest.mark.parametrize("source", ["Dockerfile CMD", "compose worker", "k8s worker"])
+def test_deploy_commands_are_real_cli_invocations(source: str) -> None:
+    check_cli(deploy_commands()[source])
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------------
@@ -397,7 +416,6 @@ def test_k8s_worker_deployment_probes_health_limits_one_cpu_and_reads_settings_f
     (container,) = pod["spec"]["containers"]
     image = container["image"]
     assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")
-    check_cli(container.get("command", [])[1:] + container["args"] if container.get("command") else container["args"])
     (env_from,) = container["envFrom"]
     config = k8s_object("ConfigMap", env_from["configMapRef"]["name"])["data"]
     assert {setting_name(k) for k in config} <= SETTINGS_FIELDS
