@@ -56,10 +56,12 @@ __all__ = [
     "add_arguments",
     "build_benchmark",
     "fetch_sources",
+    "noto_font_path",
     "read_images",
     "read_posts",
     "read_transcripts",
     "read_tweets",
+    "render_noto",
     "run",
     "sources_dir",
 ]
@@ -367,7 +369,7 @@ def _twemoji_index(tgz: Path) -> tuple[tarfile.TarFile, dict[str, str]]:
     return archive, index
 
 
-def _noto_font(sources: Path) -> Path:
+def noto_font_path(sources: Path) -> Path:
     """Extract NotoColorEmoji.ttf from the .deb (an ar archive holding data.tar.xz) once."""
     target = sources / "extracted" / "NotoColorEmoji.ttf"
     if target.is_file():
@@ -392,7 +394,7 @@ def _noto_font(sources: Path) -> Path:
     raise ValueError("NotoColorEmoji.ttf not found in the fonts-noto-color-emoji .deb")
 
 
-def _render_noto(font: ImageFont.FreeTypeFont, codepoints: str) -> Image.Image | None:
+def render_noto(font: ImageFont.FreeTypeFont, codepoints: str) -> Image.Image | None:
     """The Noto glyph of an emoji as RGBA, or None when the font has no colour glyph for it."""
     char = "".join(chr(int(cp, 16)) for cp in codepoints.split("-"))
     side = 136
@@ -429,14 +431,14 @@ def _split_by_label(
 def _build_image_pools(sources: Path, out: Path, rng: np.random.Generator) -> list[ImageItem]:
     """Split ESR emoji into disjoint train/val/test pools; Twemoji art for train, Noto art for val and test."""
     archive, index = _twemoji_index(_source_file(sources, "twemoji"))
-    font = ImageFont.truetype(str(_noto_font(sources)), NOTO_RENDER_SIZE)
+    font = ImageFont.truetype(str(noto_font_path(sources)), NOTO_RENDER_SIZE)
     usable: list[tuple[_Emoji, Image.Image, Image.Image]] = []
     for emoji in sorted(_read_esr(), key=lambda e: e.codepoints):
         path = index.get(emoji.codepoints)
         if path is None:
             continue
         member = archive.extractfile(path)
-        noto = _render_noto(font, emoji.codepoints)
+        noto = render_noto(font, emoji.codepoints)
         if member is None or noto is None:
             continue
         twemoji: Image.Image = Image.open(io.BytesIO(member.read()))
