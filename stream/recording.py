@@ -247,6 +247,7 @@ def write_recording(
     seed: int = 0,
     topic: str = "posts",
     meta: dict[str, Any] | None = None,
+    created: float | None = None,
 ) -> RecordingHeader:
     """Write ``posts`` as a recording with synthetic Poisson arrivals at ``rate`` posts/s from ``start_ts``.
 
@@ -256,13 +257,14 @@ def write_recording(
     dict (e.g. ``synthetic_pairing``, ``image_id``) are kept as a msgpack map in the ``meta`` header
     of the record. A dict must already carry the image as PNG/JPEG bytes and the transcript as text
     (:func:`benchmark_posts` resolves benchmark rows). Streams: ``posts`` may be a generator.
+    With a fixed ``created`` (default: now) the file is byte-identical for the same posts and seed.
     """
     if rate <= 0:
         raise ValueError(f"rate must be > 0 posts/s, got {rate}")
     count = len(posts) if isinstance(posts, Sized) else None
     header = RecordingHeader(
         topic=topic,
-        created=time.time(),
+        created=time.time() if created is None else created,
         source="synthetic",
         synthetic_timing=True,
         count=count,

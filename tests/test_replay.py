@@ -161,6 +161,12 @@ def test_write_recording_has_synthetic_poisson_arrivals_and_contract_fields_only
     assert msgpack.unpackb(records[0].header("meta") or b"") == {"synthetic_pairing": True, "image_id": "img0"}
 
 
+def test_write_recording_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
+    for name in ("a.srec", "b.srec"):
+        write_recording(tmp_path / name, _full_posts(50), start_ts=0.0, rate=5.0, seed=3, created=1.0)
+    assert (tmp_path / "a.srec").read_bytes() == (tmp_path / "b.srec").read_bytes()
+
+
 def test_benchmark_posts_resolve_images_and_transcripts_into_a_recording(tmp_path: Path) -> None:
     data = tmp_path / "bench"
     (data / "posts").mkdir(parents=True)
