@@ -268,15 +268,18 @@ def test_every_dashboard_query_uses_only_metrics_and_labels_the_service_exposes(
     assert problems == {}
 
 
-def test_dashboard_covers_the_service() -> None:
+def test_dashboard_covers_every_metric_and_uses_the_provisioned_datasource() -> None:
     used = set()
     for _, expr in dashboard_queries():
         used |= {re.sub(r"_(bucket|sum|count)$", "", m) for m in parse_promql(expr).metrics}
     assert used == set(METRIC_NAMES), f"metrics without a panel: {sorted(set(METRIC_NAMES) - used)}"
     dash = json.loads(DASHBOARD.read_text())
-    datasource = json.loads((DEPLOY / "grafana" / "dashboards" / "sentiment.json").read_text())["panels"][1]
     provisioned = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
-    assert datasource["datasource"]["uid"] == provisioned["datasources"][0]["uid"]
+    (datasource,) = provisioned["datasources"]
+    refs = [p["datasource"] for p in dash["panels"] if p["type"] != "row"]
+    refs += [t["datasource"] for p in dash["panels"] for t in p.get("targets", [])]
+    refs += [v["datasource"] for v in dash["templating"]["list"]]
+    assert refs and all(r == {"type": datasource["type"], "uid": datasource["uid"]} for r in refs)
     assert dash["uid"] and len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
 
@@ -338,6 +341,7 @@ def test_compose_worker_scales_and_is_scraped_by_prometheus() -> None:
     assert "container_name" not in worker and "ports" not in worker, "fixed names or host ports break --scale"
     env = worker["environment"]
     Settings(**{setting_name(k): v for k, v in env.items() if "${" not in str(v)})  # values validate
+    assert worker["cpus"] == 1.0 and env["SENTIMENT_INTRA_OP_THREADS"] == "1", "one worker per core"
     assert env["SENTIMENT_METRICS_HOST"] == "0.0.0.0" and env["SENTIMENT_WEB_HOST"] == "0.0.0.0"
     (model,) = [v for v in worker["volumes"] if isinstance(v, dict) and v["target"] == env["SENTIMENT_MODEL_DIR"]]
     assert model["read_only"] is True
@@ -349,6 +353,12 @@ def test_compose_worker_scales_and_is_scraped_by_prometheus() -> None:
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     for rule_file in scrape["rule_files"]:
         assert (DEPLOY / "prometheus" / rule_file).is_file()
+
+
+def test_compose_variables_are_documented_in_the_env_example() -> None:
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text()))
+    documented = set(re.findall(r"^#? ?([A-Z_][A-Z0-9_]*)=", (DEPLOY / ".env.example").read_text(), re.M))
+    assert used == documented
 
 
 def test_compose_grafana_mounts_match_provisioning() -> None:
