@@ -132,7 +132,38 @@ def metric_problems(expr: str) -> list[str]:
         available |= SERIES.get(name, frozenset())
     for label in sorted(use.grouping - available):
         problems.append(f"grouping label {label!r} is on none of {sorted(use.metrics)}")
+    for labels, inner in aggregations(expr):
+        inner_metrics = parse_promql(inner).metrics
+        on_inner = set(TARGET_LABELS).union(*(SERIES.get(m, frozenset()) for m in inner_metrics))
+        for label in sorted(labels - on_inner):
+            problems.append(f"aggregation by {label!r} over {sorted(inner_metrics)}, which have no such label")
     return problems
+
+
+_AGGREGATION = re.compile(
+    r"\b(?:sum|min|max|avg|count|group|stddev|stdvar|topk|bottomk|quantile|count_values)\s*"
+    r"(?:(?:by|without)\s*\(([^)]*)\)\s*)?\("
+)
+_POSTFIX_GROUPING = re.compile(r"\s*(?:by|without)\s*\(([^)]*)\)")
+
+
+def aggregations(expr: str) -> list[tuple[frozenset[str], str]]:
+    """(by/without labels, argument) of every aggregation in ``expr``, prefix or postfix form."""
+    found = []
+    for match in _AGGREGATION.finditer(expr):
+        depth, start = 1, match.end()
+        end = start
+        while depth and end < len(expr):
+            depth += {"(": 1, ")": -1}.get(expr[end], 0)
+            end += 1
+        labels_text = match.group(1)
+        if labels_text is None:
+            postfix = _POSTFIX_GROUPING.match(expr, end)
+            labels_text = postfix.group(1) if postfix else ""
+        labels = frozenset(label.strip() for label in labels_text.split(",") if label.strip())
+        if labels:
+            found.append((labels, expr[start : end - 1]))
+    return found
 
 
 def load_alert_rules() -> list[dict[str, Any]]:
@@ -209,6 +240,16 @@ def test_promql_checker_catches_unknown_metrics_and_labels() -> None:
     assert metric_problems('sentiment_events_total{reason="x"}')
     assert metric_problems("sum by (modality) (rate(sentiment_events_total[5m]))")
     assert metric_problems("sum by (le) (rate(sentiment_events_total[5m]))")
+    # a label of another metric in the same expression does not make it valid here
+    assert metric_problems(
+        "sum by (modality) (rate(sentiment_events_total[5m])) / sum(rate(sentiment_missing_modalities_total[5m]))"
+    )
+    assert metric_problems(
+        "sum(rate(sentiment_events_total[5m])) by (stage) / sum(rate(sentiment_stage_latency_seconds_count[5m]))"
+    ) == ["aggregation by 'stage' over ['sentiment_events_total'], which have no such label"]
+    assert aggregations("max by (instance, model) (sentiment_onnx_session_info{requested='cuda'})") == [
+        (frozenset({"instance", "model"}), "sentiment_onnx_session_info{requested='cuda'}")
+    ]
 
 
 def test_every_alert_uses_only_metrics_and_labels_the_service_exposes() -> None:
