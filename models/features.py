@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +245,9 @@ class _Encoders:
         self.torch = torch
         self.tokenizer = TextTokenizer.from_file(minilm_tokenizer_path())
         self.text_encoder = TextEncoder()
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # the TorchScript exporter is deprecated but 0-10 % faster to run and simpler for a CNN
+            warnings.simplefilter("ignore", DeprecationWarning)
             onnx_path = Path(tmp) / "image_encoder.onnx"
             torch.onnx.export(
                 ImageEncoder(), (torch.zeros(2, 3, 224, 224),), str(onnx_path), input_names=["pixels"],
