@@ -84,10 +84,10 @@ def setting_name(env: str) -> str:
 # --- PromQL, parsed just enough to check names and labels -------------------------------------------
 
 _IDENT = re.compile(r"(?<![A-Za-z0-9_:$])(sentiment_[A-Za-z0-9_]+)\s*(\{[^}]*\})?")
-_MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
+_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*[\"'`]")
 _GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _LABEL_VALUES = re.compile(r"label_values\(\s*(sentiment_[A-Za-z0-9_]+)\s*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)")
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`")
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,7 @@ def test_promql_checker_catches_unknown_metrics_and_labels() -> None:
     assert metric_problems("rate(sentiment_events[5m])")  # a counter is exposed as sentiment_events_total
     assert metric_problems("sentiment_e2e_latency_seconds")  # a histogram only as _bucket/_sum/_count
     assert metric_problems('sentiment_events_total{reason="x"}')
+    assert metric_problems("sentiment_events_total{reason='x'}")
     assert metric_problems("sum by (modality) (rate(sentiment_events_total[5m]))")
     assert metric_problems("sum by (le) (rate(sentiment_events_total[5m]))")
     # a label of another metric in the same expression does not make it valid here
