@@ -1,17 +1,19 @@
 """A real Prometheus server for tests: scrape given targets, query through the HTTP API, stop after.
 
-Uses the Debian ``prometheus`` binary (``scripts/install-prometheus.sh`` installs it). Tests take the
-``prometheus_server`` fixture, a factory: ``prometheus_server(["127.0.0.1:9108"])`` writes a config that
-scrapes those ``host:port`` targets every second, starts the server on a free loopback port with a
-temporary storage dir, waits until it is ready and returns a :class:`PrometheusServer`. Every server a
-test started is stopped at teardown. Point it at a running worker's metrics port as well as at an
-in-process ``start_metrics_server(..., port=0)``.
+Uses the Debian ``prometheus`` binary. When it is missing, the first test that needs it runs
+``scripts/install-prometheus.sh`` (apt-get, as root) and skips with the script's reason if that cannot
+install it (under CI it fails instead). Tests take the ``prometheus_server`` fixture, a factory:
+``prometheus_server(["127.0.0.1:9108"])`` writes a config that scrapes those ``host:port`` targets every
+second, starts the server on a free loopback port with a temporary storage dir, waits until it is ready
+and returns a :class:`PrometheusServer`. Every server a test started is stopped at teardown. Point it at a
+running worker's metrics port as well as at an in-process ``start_metrics_server(..., port=0)``.
 
 Import the fixture into a test module with ``from tests.prometheus_support import prometheus_server_fixture``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -40,24 +42,40 @@ __all__ = [
     "write_scrape_config",
 ]
 
-INSTALL_HINT = "run `bash scripts/install-prometheus.sh` (Debian package `prometheus`, needs root)"
+INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-prometheus.sh"
 
 
 class PrometheusError(RuntimeError):
     """The server did not start, or the API answered with an error."""
 
 
-def require_binary(name: str) -> str:
-    """The path of ``prometheus`` or ``promtool``; skips the test when it is missing, fails under CI.
+@functools.cache
+def install_prometheus() -> str:
+    """Run ``scripts/install-prometheus.sh`` once per session (idempotent); returns what it printed."""
+    try:
+        result = subprocess.run(
+            ["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{INSTALL_SCRIPT.name} did not run: {exc}"
+    return (result.stdout + result.stderr).strip() + f" (exit {result.returncode})"
 
-    CI runs the install script first, so a missing binary there is a broken set-up, not a reason to skip.
+
+def require_binary(name: str) -> str:
+    """The path of ``prometheus`` or ``promtool``, installed by the install script if missing.
+
+    Skips the test when the binary cannot be installed here (not root, no apt-get), with the script's
+    reason; fails under CI, where a missing binary is a broken set-up rather than a reason to skip.
     """
     path = shutil.which(name)
     if path is None:
-        message = f"`{name}` not found on PATH; {INSTALL_HINT}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        report = install_prometheus()
+        path = shutil.which(name)
+        if path is None:
+            message = f"`{name}` is not on PATH and could not be installed: {report}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
     return path
 
 
