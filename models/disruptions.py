@@ -20,7 +20,7 @@ iterates, and :func:`plan_condition` turns one condition into per-post presence 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Final, Literal
@@ -153,7 +153,7 @@ def corrupt_image(
     raise ValueError(f"unknown image corruption {kind!r}")
 
 
-def discard(post: dict[str, object], modalities: Sequence[str]) -> dict[str, object]:
+def discard(post: Mapping[str, object], modalities: Sequence[str]) -> dict[str, object]:
     """A copy of a raw post dict without the given modalities (the fields are removed, not blanked)."""
     unknown = set(modalities) - set(MODALITIES)
     if unknown:

@@ -10,6 +10,7 @@ from models.disruptions import (
     CORRUPTION_RANGE,
     INTRA_RATES,
     MASK_TOKEN,
+    Condition,
     blur,
     corrupt_image,
     corrupt_text,
@@ -124,7 +125,7 @@ def test_protocol_grid_covers_every_family_once() -> None:
 
 
 @pytest.mark.parametrize("condition", protocol_grid(), ids=lambda c: c.name)
-def test_every_plan_keeps_a_modality_and_only_corrupts_present_ones(condition) -> None:  # type: ignore[no-untyped-def]
+def test_every_plan_keeps_a_modality_and_only_corrupts_present_ones(condition: Condition) -> None:
     plan = plan_condition(condition, 500, np.random.default_rng(0))
     assert plan.present.shape == plan.corrupted.shape == (500, len(MODALITIES))
     assert plan.present.any(axis=1).all()
