@@ -34,6 +34,7 @@ demo: install
 	$(CLI) roundtrip -n 1000; rc=$$?; $(CLI) services stop; exit $$rc
 
 test: install
+	bash scripts/install-prometheus.sh
 	$(CLI) services start
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; $(CLI) services stop; exit $$rc
 
