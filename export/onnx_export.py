@@ -419,6 +419,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the exporter's optimiser logs every constant-folding decision at INFO
+    for noisy in ("onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = get_settings()
     options = ExportOptions(head_samples=args.head_samples, encoder_texts=args.encoder_texts,
                             encoder_images=args.encoder_images, int8=not args.no_int8,
