@@ -788,7 +788,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean-only", action="store_true", help="skip the corrupted test variants")
-    parser.add_argument("--rate-subset", type=int, default=2000, help="test posts in each rate_* variant")
+    parser.add_argument("--rate-subset", type=int, default=1000, help="test posts in each rate_* variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for encoding")
 
 
