@@ -3,11 +3,14 @@
     python -m export.bench --manifest DIR [--seconds 1.0] [--batches 1 8 32 128] [--data-dir D]
 
 Prints posts/s for the text encoder (ORT fp32, ORT int8, PyTorch), the image encoder (ORT, PyTorch)
-and the head (ORT, PyTorch) at each batch size, on real tweets and emoji images, then the default
-micro-batch size this suggests and why. Every cell runs one warm-up call, then calls for at least
-``--seconds``; cells of a row alternate ORT and PyTorch so a change in machine load hits both. ORT
-uses ``settings.intra_op_threads`` threads and PyTorch the same number, so the ratios are fair; the
-absolute numbers depend on what else the machine is doing.
+and the head (ORT, PyTorch) at each batch size, then the default text batch size this suggests and
+why. Texts are 512 real tweets, length-sorted in windows of 128 and then cut into batches, as
+``stream/scoring.py`` sorts a micro-batch before its encoder sub-batches; images are real emoji PNGs
+preprocessed at 224 (decoding is not timed); the head gets features of the right shapes (its cost does
+not depend on their values). Every cell runs one warm-up call, then calls for at least ``--seconds``;
+for each batch size ORT and PyTorch run back to back, so a change in machine load hits both. ORT uses
+``settings.intra_op_threads`` threads and PyTorch the same number, so the ratios are fair; absolute
+numbers depend on what else the machine is doing.
 """
 
 from __future__ import annotations
@@ -36,23 +39,38 @@ __all__ = ["bench", "choose_batch", "main"]
 log = logging.getLogger(__name__)
 
 BATCHES: Final = (1, 8, 32, 128)
+WINDOW: Final = 128  # texts are length-sorted in windows this big before batching
 NEAR_BEST: Final = 0.9  # a batch size within 10 % of the best throughput is "as fast"
 
 
-def _rate(fn: Callable[[], Any], items: int, seconds: float) -> float:
-    """Items per second of ``fn`` (one call = ``items``) after one warm-up call."""
-    fn()
-    calls, start = 0, time.perf_counter()
+def _rate(calls: Sequence[tuple[Callable[[], Any], int]], seconds: float) -> float:
+    """Items per second over ``calls`` (each a function and the items one call handles), cycled for ``seconds``.
+
+    One warm-up call first, then at least one call.
+    """
+    calls[0][0]()
+    items, done, start = 0, 0, time.perf_counter()
     while True:
+        fn, n = calls[done % len(calls)]
         fn()
-        calls += 1
+        items += n
+        done += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return calls * items / elapsed
+            return items / elapsed
 
 
-def _cycle(items: Sequence[Any], batch: int, offset: int = 0) -> list[Any]:
-    return [items[(offset + i) % len(items)] for i in range(batch)]
+def _bucketed(texts: Sequence[str], batch: int, seed: int, window: int = WINDOW) -> list[list[str]]:
+    """Batches of ``batch`` texts from windows of ``window`` texts sorted by length (what serving does).
+
+    The batches come back shuffled, so the first seconds of a cell see short and long tweets alike.
+    """
+    batches = []
+    for start in range(0, len(texts), window):
+        ordered = sorted(texts[start:start + window], key=len)
+        batches += [ordered[i:i + batch] for i in range(0, len(ordered), batch)]
+    order = np.random.default_rng(seed).permutation(len(batches))
+    return [batches[i] for i in order]
 
 
 def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, seconds: float = 1.0,
@@ -65,7 +83,7 @@ def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, 
     settings = get_settings()
     torch.set_num_threads(max(1, settings.intra_op_threads))
     tokenizer = manifest.text_tokenizer("text")
-    texts = real_texts(512, seed, long_texts=0)
+    texts = real_texts(4 * WINDOW, seed, long_texts=0)
     images = real_images(128, data_dir, seed)
     pixels = images_to_batch(images, manifest.image_size)
     table: dict[str, dict[str, dict[int, float]]] = {"text_encoder": {}, "image_encoder": {}, "head": {}}
@@ -73,27 +91,26 @@ def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, 
     sessions = {v: create_session(manifest.text_encoder_path(v), settings) for v in manifest.text_encoder_variants}
     text_torch = TextEncoder().eval()
     for batch in batches:
-        # tweets in arrival order (no length bucketing): the padded length grows with the batch, as in serving
-        ids, mask = tokenizer.encode(_cycle(texts, batch, batch))
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        encoded = [tokenizer.encode(chunk) for chunk in _bucketed(texts, batch, seed)]
         for variant, session in sessions.items():
-            table["text_encoder"].setdefault(f"ort_{variant}", {})[batch] = _rate(
-                partial(session.run, feeds), batch, seconds)
+            calls = [(partial(session.run, {"input_ids": ids, "attention_mask": mask}), len(ids))
+                     for ids, mask in encoded]
+            table["text_encoder"].setdefault(f"ort_{variant}", {})[batch] = _rate(calls, seconds)
         with torch.inference_mode():
-            table["text_encoder"].setdefault("torch", {})[batch] = _rate(
-                partial(text_torch, t_ids, t_mask), batch, seconds)
+            calls = [(partial(text_torch, torch.from_numpy(ids), torch.from_numpy(mask)), len(ids))
+                     for ids, mask in encoded]
+            table["text_encoder"].setdefault("torch", {})[batch] = _rate(calls, seconds)
 
     image_session = create_session(manifest.image_encoder_path(), settings)
     image_torch = ImageEncoder().eval()
     for batch in batches:
-        chunk = np.ascontiguousarray(pixels[np.arange(batch) % len(pixels)])
-        t_chunk = torch.from_numpy(chunk)
+        chunks = [np.ascontiguousarray(pixels[(np.arange(batch) + s) % len(pixels)])
+                  for s in range(0, len(pixels), batch)]
         table["image_encoder"].setdefault("ort", {})[batch] = _rate(
-            partial(image_session.run, {IMAGE_INPUT: chunk}), batch, seconds)
+            [(partial(image_session.run, {IMAGE_INPUT: c}), batch) for c in chunks], seconds)
         with torch.inference_mode():
             table["image_encoder"].setdefault("torch", {})[batch] = _rate(
-                partial(image_torch, t_chunk), batch, seconds)
+                [(partial(image_torch, torch.from_numpy(c)), batch) for c in chunks], seconds)
 
     recovery = manifest.default_recovery
     head_session = create_session(manifest.head_path(recovery), settings)
@@ -109,9 +126,9 @@ def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, 
     for batch in batches:
         feeds = samples.feeds(slice(0, batch), queue_mean, queue_var)
         tensors = [torch.from_numpy(feeds[name]) for name in HEAD_INPUTS]
-        table["head"].setdefault("ort", {})[batch] = _rate(partial(head_session.run, feeds), batch, seconds)
+        table["head"].setdefault("ort", {})[batch] = _rate([(partial(head_session.run, feeds), batch)], seconds)
         with torch.inference_mode():
-            table["head"].setdefault("torch", {})[batch] = _rate(partial(head_torch, *tensors), batch, seconds)
+            table["head"].setdefault("torch", {})[batch] = _rate([(partial(head_torch, *tensors), batch)], seconds)
 
     return {"table": table, "intra_op_threads": settings.intra_op_threads, "torch_threads": torch.get_num_threads(),
             "seconds_per_cell": seconds, "head_recovery": recovery, "model_version": manifest.version}

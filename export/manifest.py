@@ -403,18 +403,19 @@ class Manifest:
         *,
         settings: Settings | None = None,
         verify_hashes: bool = True,
-        check_graphs: bool | Iterable[str] = True,
+        check_graphs: bool | Iterable[str] | None = None,
     ) -> Manifest:
         """Read ``DIR/manifest.json`` and check it against the files; :class:`ManifestError` on any mismatch.
 
         Checks: every named file exists; its sha256 (``verify_hashes``; ≈ 0.3 s for a full export);
         the model version is the content hash of what the manifest names; the graphs' interfaces fit
-        the contracts (names, dtypes, encoder widths = head widths, queue width ``d``); and
-        (``check_graphs``: ``True`` for every file, or the file keys to check) the signature that ONNX
-        Runtime reports equals the manifest's. The graph check opens the sessions through
-        :func:`export.runtime.create_session` with ``settings``, which caches them: a worker that passes
-        the keys it serves (e.g. ``{"text_encoder_int8", "image_encoder", "head_fsrf"}``) loads each
-        model once and no other.
+        the contracts (names, dtypes, encoder widths = head widths, queue width ``d``); and the
+        signature ONNX Runtime reports for a graph equals the manifest's. ``check_graphs`` says which
+        graphs: ``None`` (default) the ones ``settings`` will serve (:meth:`serving_keys`: its
+        ``text_encoder`` variant, the image encoder, the head of its ``recovery``; a variant that was
+        not exported is an error here), ``True`` all, ``False`` none, or an iterable of file keys.
+        Sessions come from :func:`export.runtime.create_session` with ``settings``, which caches them,
+        so serving gets the very sessions checked here and loads no model it does not use.
         """
         root = Path(directory)
         path = root / MANIFEST_FILE
@@ -437,7 +438,7 @@ class Manifest:
         *,
         settings: Settings | None = None,
         verify_hashes: bool = True,
-        check_graphs: bool | Iterable[str] = True,
+        check_graphs: bool | Iterable[str] | None = None,
     ) -> None:
         """Every check of :meth:`load`, on an already built manifest."""
         self._check_files_exist()
@@ -448,9 +449,23 @@ class Manifest:
             raise ManifestError(f"{self.root / MANIFEST_FILE}: model_version {self.model_version} is not the content "
                                 f"hash of what it names ({expected_version}); the manifest was edited by hand")
         self._check_contracts()
-        keys = sorted(self.files) if check_graphs is True else sorted(check_graphs or ())
+        if check_graphs is None:
+            keys = self.serving_keys(settings)
+        elif isinstance(check_graphs, bool):
+            keys = sorted(self.files) if check_graphs else []
+        else:
+            keys = sorted(check_graphs)
         for key in keys:
             self.check_session(key, self.session(key, settings))
+
+    def serving_keys(self, settings: Settings | None = None) -> list[str]:
+        """The file keys a worker with ``settings`` serves; :class:`ManifestError` if one was not exported."""
+        from stream.settings import get_settings
+
+        settings = settings or get_settings()
+        self.text_encoder(settings.text_encoder)
+        self.head(settings.recovery)
+        return [file_key("text_encoder", settings.text_encoder), "image_encoder", file_key("head", settings.recovery)]
 
     def session(self, key: str, settings: Settings | None = None) -> ModelSession:
         """The (cached) ONNX Runtime session of file ``key``, from :func:`export.runtime.create_session`."""

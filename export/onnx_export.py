@@ -322,7 +322,7 @@ def export_model(
         return None, report
     manifest.save()
     # the manifest is only as good as its own loader's opinion of it
-    return Manifest.load(out, settings=settings), report
+    return Manifest.load(out, settings=settings, check_graphs=True), report
 
 
 def _parity(
