@@ -329,13 +329,16 @@ def build_features(
     """
     data_dir = Path(data_dir)
     started = time.monotonic()
-    for marker in ("READY_CLEAN", "READY_ALL"):
-        (data_dir / marker).unlink(missing_ok=True)
+    (data_dir / "READY_ALL").unlink(missing_ok=True)
     manifest = _read_json(data_dir / "manifest.json")
     seed = int(manifest["seed"])
     enc = _Encoders(threads)
     folder = _features_root(data_dir) / enc.key
     folder.mkdir(parents=True, exist_ok=True)
+    clean_files = ("pool_image.npy", "pool_transcript.npy", "texts.npy")
+    if not all((folder / name).is_file() for name in clean_files):
+        # keep READY_CLEAN on a resumed build whose clean part is done: trainers may be reading it
+        (data_dir / "READY_CLEAN").unlink(missing_ok=True)
     timings: dict[str, float] = {}
 
     images = read_images(data_dir)
