@@ -378,6 +378,7 @@ def int8_accuracy_cost(
     }
     results: dict[str, Any] = {}
     for presence_name, present in presences.items():
+        predictions: dict[str, np.ndarray] = {}
         for arm, feats in encoded.items():
             samples = HeadSamples(feats["text"], features.image[rows], feats["transcript"],
                                   present.astype(np.float32), arm)
@@ -385,9 +386,11 @@ def int8_accuracy_cost(
                 head.run(samples.feeds(slice(s, s + 256), queue_mean, queue_var))["probs"].argmax(1)
                 for s in range(0, len(samples), 256)
             ])
+            predictions[arm] = preds
             results.setdefault(presence_name, {})[arm] = classification_metrics(labels, preds)
         block = results[presence_name]
         block["delta_macro_f1_int8_minus_fp32"] = block["int8"]["f1_macro"] - block["fp32"]["f1_macro"]
+        block["delta_macro_f1_ci95"] = _paired_bootstrap_ci(labels, predictions["fp32"], predictions["int8"], seed)
         block["delta_macro_f1_fp32_minus_cache"] = block["fp32"]["f1_macro"] - block["cache"]["f1_macro"]
     _, cos_text = _embedding_stats(encoded["int8"]["text"], encoded["fp32"]["text"])
     _, cos_transcript = _embedding_stats(encoded["int8"]["transcript"], encoded["fp32"]["transcript"])
@@ -404,6 +407,27 @@ def int8_accuracy_cost(
         "texts_per_second": {v: n_texts / timing[v] for v in ("fp32", "int8")},
         "speedup_int8": timing["fp32"] / timing["int8"],
     }
+
+
+def _macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int = 3) -> np.ndarray:
+    """Macro-F1 per row of ``labels``/``preds`` ``[R, n]`` (vectorised for the bootstrap)."""
+    scores = []
+    for c in range(n_classes):
+        tp = ((preds == c) & (labels == c)).sum(1)
+        denom = (preds == c).sum(1) + (labels == c).sum(1)
+        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+    result: np.ndarray = np.mean(scores, axis=0)
+    return result
+
+
+def _paired_bootstrap_ci(
+    labels: np.ndarray, fp32: np.ndarray, int8: np.ndarray, seed: int, reps: int = 2000
+) -> list[float]:
+    """95 % percentile interval of Δ macro-F1 (int8 − fp32), resampling posts with both arms paired."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(labels), size=(reps, len(labels)))
+    delta = _macro_f1(labels[rows], int8[rows]) - _macro_f1(labels[rows], fp32[rows])
+    return [float(np.quantile(delta, 0.025)), float(np.quantile(delta, 0.975))]
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
