@@ -39,7 +39,11 @@ __all__ = [
     "HEAD_OUTPUTS",
     "IMAGE_INPUT",
     "IMAGE_OUTPUT",
+    "LABELS",
     "MANIFEST_FILE",
+    "MODALITIES",
+    "QUEUE_VAR_FLOOR",
+    "RECOVERY_PATHS",
     "TEXT_ENCODER_VARIANTS",
     "TEXT_INPUTS",
     "TEXT_OUTPUT",
@@ -70,7 +74,6 @@ RECOVERY_PATHS: Final = ("fsrf", "drf")
 MODALITIES: Final = ("text", "image", "transcript")  # kept in sync with stream/events.py
 LABELS: Final = ("negative", "neutral", "positive")
 QUEUE_VAR_FLOOR: Final = 1e-4  # models/drf.py FeatureQueue.moments
-
 
 
 class ManifestError(ModelError, ValueError):
