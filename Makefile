@@ -35,6 +35,7 @@ demo: install
 
 test: install
 	bash scripts/install-prometheus.sh
+	$(CLI) data fetch
 	$(CLI) services start
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; $(CLI) services stop; exit $$rc
 

@@ -298,6 +298,7 @@ class DeadLetter:
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+    truncated: bool = False  # value cut to fit the broker's message size limit
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -310,6 +311,7 @@ class DeadLetter:
                 "topic": self.topic,
                 "partition": self.partition,
                 "offset": self.offset,
+                "truncated": self.truncated,
             },
             use_bin_type=True,
         )
@@ -326,4 +328,5 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
         topic=d.get("topic"),
         partition=d.get("partition"),
         offset=d.get("offset"),
+        truncated=bool(d.get("truncated", False)),
     )

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     max_transcript_chars: int = Field(default=20000, ge=1)
     max_image_bytes: int = Field(default=5_000_000, ge=1)
     max_image_pixels: int = Field(default=25_000_000, ge=1)
+    # A dead letter keeps the original bytes up to this size, so it fits the broker's 1 MB default limit.
+    max_dead_letter_bytes: int = Field(default=900_000, ge=1024)
 
     # Models and inference
     model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "model")

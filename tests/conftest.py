@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from stream.events import Post
 from stream.services import LocalStack, create_topics
 from stream.settings import Settings, get_settings
 
@@ -47,3 +54,129 @@ def fresh_topics(stack: LocalStack, settings: Settings) -> Settings:
     )
     asyncio.run(create_topics(isolated))
     return isolated
+
+
+# -- a real model, built the way a user builds one: data sample -> train -> export -----------------
+
+_DATA_CODE = ("models/data.py", "models/features.py", "models/encoders.py", "stream/preprocess.py")
+_MODEL_CODE = (
+    *_DATA_CODE,
+    "models/common.py",
+    "models/drf.py",
+    "models/fsrf.py",
+    "models/head.py",
+    "models/train.py",
+    "export/onnx_export.py",
+    "export/manifest.py",
+)
+_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_TWEETS = 2500
+
+
+def _code_hash(files: Sequence[str], *extra: object) -> str:
+    digest = hashlib.sha256(repr(extra).encode())
+    for name in files:
+        digest.update((_ROOT / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _artifact_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where built test artifacts live; keyed by code hash so a second `make test` reuses them safely."""
+    configured = os.environ.get("SENTIMENT_TEST_ARTIFACTS")
+    root = Path(configured) if configured else _ROOT / ".cache" / "test-artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _cli(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"sentiment-stream {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def sample_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real benchmark (2,500 tweets, clean features) built by `sentiment-stream data build`."""
+    out = _artifact_root(tmp_path_factory) / f"bench-{_code_hash(_DATA_CODE, SAMPLE_TWEETS)}"
+    if not (out / "READY").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        _cli("data", "build", "--out", str(out), "--sample", str(SAMPLE_TWEETS), "--clean-only", "--seed", "0")
+        (out / "READY").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_model(sample_benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported model dir (manifest.json + ONNX files) trained on the sample benchmark."""
+    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS)
+    root = _artifact_root(tmp_path_factory)
+    model, exported = root / f"model-{key}", root / f"export-{key}"
+    if not (exported / "manifest.json").exists():
+        shutil.rmtree(model, ignore_errors=True)
+        _cli(
+            "train",
+            "--model",
+            "serving",
+            "--epochs",
+            "8",
+            "--out",
+            str(model),
+            "--data-dir",
+            str(sample_benchmark),
+            "--no-progress",
+        )
+        _cli(
+            "export",
+            "--model-dir",
+            str(model),
+            "--out",
+            str(exported),
+            "--data-dir",
+            str(sample_benchmark),
+            "--head-samples",
+            "400",
+            "--int8-eval-posts",
+            "0",
+        )
+    return exported
+
+
+_PATTERNS = (
+    ("text",),
+    ("text", "image"),
+    ("text", "transcript"),
+    ("text", "image", "transcript"),
+    ("image",),
+    ("transcript",),
+    ("image", "transcript"),
+)
+
+
+@pytest.fixture(scope="session")
+def benchmark_posts(sample_benchmark: Path) -> list[Post]:
+    """Real benchmark posts (all splits) with every pattern of missing modalities, ids unique per session."""
+    from stream.recording import benchmark_posts as read
+
+    run = uuid.uuid4().hex[:6]
+    posts = []
+    rows = [row for split in ("test", "val", "train") for row in read(sample_benchmark, split)]
+    for i, row in enumerate(rows):
+        keep = _PATTERNS[i % len(_PATTERNS)]
+        posts.append(
+            Post(
+                id=f"{run}-{row['id']}-{i}",
+                text=row["text"] if "text" in keep else None,
+                image=row["image"] if "image" in keep else None,
+                transcript=row["transcript"] if "transcript" in keep else None,
+                label=row["label"],
+            )
+        )
+    return posts
+
+
+@pytest.fixture
+def worker_settings(fresh_topics: Settings, served_model: Path) -> Settings:
+    """Fresh topics, a unique consumer group and the served model."""
+    return fresh_topics.model_copy(update={"model_dir": served_model, "max_image_bytes": 500_000})

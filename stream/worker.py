@@ -1,0 +1,281 @@
+"""The Faust worker: consume ``posts`` in micro-batches, score them, emit ``sentiment`` and dead letters.
+
+The agent is thin: it hands each micro-batch to :class:`ScoringService`, which reads the DRF queue
+statistics from Redis (one round-trip), runs :class:`~stream.scoring.PostScorer` in a dedicated executor
+thread, waits for the broker to acknowledge every output, pushes the clean features back into the queue
+(one Lua call) and updates the metrics. Faust acks the batch only after that, so delivery is
+at-least-once (outputs are keyed by post id for de-duplication). No Faust tables: Redis is the only state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+import numpy as np
+from aiohttp import web
+from mode.supervisors import CrashingSupervisor
+
+from export.manifest import Manifest
+from stream.events import MODALITIES, PostRejected
+from stream.feature_queue import FeatureQueue, QueueStats
+from stream.metrics import Metrics, get_metrics, start_metrics_server
+from stream.scoring import BatchOutcome, InputRecord, PostScorer
+from stream.settings import Settings, get_settings
+
+__all__ = ["ScoringService", "add_arguments", "create_app", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class ScoringService:
+    """Everything one batch needs besides the broker: scorer, Redis queue, metrics, executor."""
+
+    def __init__(self, settings: Settings, manifest: Manifest, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.scorer = PostScorer(manifest, settings)
+        self.queue = FeatureQueue(manifest.version, settings, metrics=metrics)
+        self.snapshot = manifest.queue_snapshot()
+        # One thread: batches are sequential per agent, and ORT already uses intra-op threads.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self.positions: dict[tuple[str, int], int] = {}
+        for name, session in self.scorer.sessions.items():
+            metrics.set_onnx_session(name, settings.providers, session.provider)
+
+    async def start(self) -> None:
+        await self.queue.seed(self.snapshot)
+
+    async def stop(self) -> None:
+        self.executor.shutdown(wait=True)
+        await self.queue.aclose()
+
+    async def score(self, records: Sequence[InputRecord]) -> tuple[BatchOutcome, float]:
+        """Score a batch; returns the outcome and the Redis read time. Never raises on bad input."""
+        t0 = time.perf_counter()
+        stats: QueueStats = await self.queue.stats()
+        read_s = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self.executor, self.scorer.score, records, stats)
+        except Exception:
+            # Something in the batch broke the model path: score posts one by one so only the culprit
+            # goes to the dead-letter topic and its neighbours are still scored.
+            log.exception("batch of %d failed; retrying post by post", len(records))
+            outcome = BatchOutcome()
+            for rec in records:
+                try:
+                    one = await loop.run_in_executor(self.executor, self.scorer.score, [rec], stats)
+                except Exception as exc:
+                    log.exception("post at %s/%s offset %s failed", rec.topic, rec.partition, rec.offset)
+                    one = BatchOutcome(
+                        dead_letters=[self.scorer.dead_letter(rec, PostRejected("internal_error", type(exc).__name__))]
+                    )
+                outcome.events += one.events
+                outcome.dead_letters += one.dead_letters
+                for m, vectors in one.enqueue.items():
+                    outcome.enqueue[m] = (
+                        vectors if m not in outcome.enqueue else np.concatenate([outcome.enqueue[m], vectors])
+                    )
+        outcome.stages["queue_read"] = read_s
+        return outcome, read_s
+
+    async def push(self, outcome: BatchOutcome) -> float:
+        t0 = time.perf_counter()
+        if outcome.enqueue:
+            await self.queue.push(outcome.enqueue)
+        return time.perf_counter() - t0
+
+    def observe(self, outcome: BatchOutcome, n_records: int) -> None:
+        m = self.metrics
+        m.batch_size.observe(n_records)
+        m.observe_stages(outcome.stages)
+        for ev in outcome.events:
+            m.events.labels("scored").inc()
+            m.e2e_latency.observe(max(0.0, ev.latency_s))
+            for modality in ev.recovered:
+                m.missing_modalities.labels(modality).inc()
+                m.recovered_modalities.labels(modality, ev.recovery).inc()
+            for modality, q in ev.quality.items():
+                m.quality.labels(modality).observe(q)
+            for flag in ev.flags:
+                m.queue_degraded_events.labels(flag).inc()
+        for dl in outcome.dead_letters:
+            m.events.labels("dead_letter").inc()
+            m.dead_letters.labels(dl.reason).inc()
+        for modality in MODALITIES:
+            m.queue_length.labels(modality).set(self.queue.lengths.get(modality, 0))
+        m.mark_processed()
+
+
+def create_app(settings: Settings | None = None, manifest: Manifest | None = None) -> faust.App:
+    """The Faust app with its one agent; ``manifest`` defaults to the one in ``settings.model_dir``."""
+    settings = settings or get_settings()
+    manifest = manifest or Manifest.load(settings.model_dir)
+    metrics = get_metrics()
+    settings.faust_data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.consumer_group,
+        broker=",".join(f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")),
+        processing_guarantee="at_least_once",  # Tansu has no transactions; outputs are keyed for dedup
+        store="memory://",
+        datadir=str(settings.faust_data_dir / settings.consumer_group),
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_port=settings.web_port,
+        web_host=settings.web_host,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        topic_disable_leader=True,
+        topic_allow_declare=False,  # `services start` (or the operator) creates topics with explicit partitions
+        stream_wait_empty=True,
+        producer_acks=-1,
+        producer_linger=0.005,
+    )
+
+    def raw_topic(name: str) -> faust.TopicT:
+        return app.topic(
+            name,
+            partitions=settings.partitions,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    posts_topic = raw_topic(settings.topic_posts)
+    sentiment_topic = raw_topic(settings.topic_sentiment)
+    dlq_topic = raw_topic(settings.topic_dlq)
+    service = ScoringService(settings, manifest, metrics)
+    state: dict[str, Any] = {"started": time.time()}
+
+    @app.task
+    async def seed_queue() -> None:
+        await service.start()
+
+    @app.agent(posts_topic, supervisor_strategy=CrashingSupervisor)
+    async def score_posts(stream: Any) -> None:
+        async for events in stream.take_events(settings.max_batch, within=settings.max_wait_s):
+            await handle_batch(events)
+
+    async def handle_batch(events: Sequence[faust.EventT]) -> None:
+        records = [
+            InputRecord(
+                value=ev.message.value or b"",
+                key=ev.message.key,
+                timestamp=ev.message.timestamp,
+                topic=ev.message.topic,
+                partition=ev.message.partition,
+                offset=ev.message.offset,
+            )
+            for ev in events
+        ]
+        outcome, _ = await service.score(records)
+        t0 = time.perf_counter()
+        pending = []
+        emit_ts = time.time()
+        for ev in outcome.events:
+            ev = dataclasses.replace(ev, emit_ts=emit_ts)
+            pending.append(await sentiment_topic.send(key=ev.id.encode(), value=ev.encode()))
+        for dl in outcome.dead_letters:
+            pending.append(await dlq_topic.send(key=dl.key, value=dl.encode()))
+        # Wait for the broker before the batch is acked: a crash now means redelivery, not loss.
+        await asyncio.gather(*pending)
+        outcome.stages["produce"] = time.perf_counter() - t0
+        outcome.stages["queue_push"] = await service.push(outcome)
+        service.observe(outcome, len(records))
+        for rec in records:
+            if rec.topic is not None and rec.partition is not None and rec.offset is not None:
+                service.positions[(rec.topic, rec.partition)] = rec.offset + 1
+        update_lag()
+
+    def update_lag() -> None:
+        # The fetch high-water mark, not ListOffsets: Tansu answers ListOffsets(LATEST) wrongly.
+        for (topic, partition), position in service.positions.items():
+            try:
+                highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            except Exception:  # not assigned any more, or no fetch yet
+                continue
+            metrics.set_consumer_lag(topic, partition, highwater, position)
+
+    @app.page("/health")  # type: ignore[arg-type]
+    async def health(web_view: Any, request: Any) -> web.Response:
+        last = metrics.last_processed_at
+        body = {
+            "status": "ok",
+            "model": manifest.version,
+            "recovery": service.scorer.recovery,
+            "providers": {name: s.provider for name, s in service.scorer.sessions.items()},
+            "last_processed_ts": last or None,
+            "uptime_s": time.time() - state["started"],
+            "queue": service.queue.lengths,
+        }
+        return web.json_response(body)
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def on_rebalance(sender: Any, **kwargs: Any) -> None:
+        assigned = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
+        metrics.retain_partitions(assigned)
+        for key in list(service.positions):
+            if key not in assigned:
+                del service.positions[key]
+
+    app.scoring_service = service  # type: ignore[attr-defined]
+    return app
+
+
+class _Worker(faust.Worker):
+    """A Faust worker whose SIGTERM cannot hang: after ``shutdown_timeout_s`` the process exits."""
+
+    shutdown_timeout_s: float = 30.0
+
+    def _schedule_shutdown(self, signum: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            timer = threading.Timer(self.shutdown_timeout_s, self._force_exit)
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signum)
+
+    def _force_exit(self) -> None:
+        log.error("shutdown did not finish within %.0f s; exiting", self.shutdown_timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", help="exported model (manifest.json); default SENTIMENT_MODEL_DIR")
+    parser.add_argument("--loglevel", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if args.model_dir:
+        settings = settings.model_copy(update={"model_dir": args.model_dir})
+    try:
+        manifest = Manifest.load(settings.model_dir)
+    except Exception as exc:  # a bad model is a start-up error with a message, never a crash mid-stream
+        print(f"error: cannot load the model from {settings.model_dir}: {exc}")
+        return 2
+    app = create_app(settings, manifest)
+    server = start_metrics_server(settings, get_metrics())
+    log.info("metrics on %s; health on http://%s:%d/health", server.url, settings.web_host, settings.web_port)
+    worker = _Worker(app, loglevel=args.loglevel, quiet=True)
+    worker.shutdown_timeout_s = settings.shutdown_timeout_s
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        server.close()
+    return 0
