@@ -790,6 +790,16 @@ def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean-only", action="store_true", help="skip the corrupted test variants")
     parser.add_argument("--rate-subset", type=int, default=1000, help="test posts in each rate_* variant")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for encoding")
+    parser.add_argument("--corrupt-splits", default="test,control_test,topic_test",
+                        help="comma-separated test splits that get the corrupt_* variants, in build order")
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    splits = tuple(s.strip() for s in value.split(",") if s.strip())
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise SystemExit(f"unknown splits {sorted(unknown)}; choose from {', '.join(SPLITS)}")
+    return splits
 
 
 def run(args: argparse.Namespace) -> int:
@@ -807,13 +817,13 @@ def run(args: argparse.Namespace) -> int:
                 from models.features import build_features
 
                 build_features(out, clean_only=args.clean_only, rate_subset=args.rate_subset,
-                               threads=args.threads)
+                               threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits))
             return 0
         if args.data_command == "features":
             from models.features import build_features
 
-            build_features(args.data_dir or data_dir, clean_only=args.clean_only,
-                           rate_subset=args.rate_subset, threads=args.threads)
+            build_features(args.data_dir or data_dir, clean_only=args.clean_only, rate_subset=args.rate_subset,
+                           threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits))
             return 0
         if args.data_command == "baselines":
             from models.baselines_data import run_baselines
