@@ -201,8 +201,13 @@ def test_shape_in_the_manifest_differing_from_the_graph_is_a_clear_error(
             spec["shape"] = ["batch", "tokens"]
 
     _edit_manifest(broken, rename_seq)
+    # by default the graphs the settings serve are checked: here the int8 text encoder
+    serving_int8 = get_settings().model_copy(update={"text_encoder": "int8"})
     with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx: the graph's inputs .* differ from the manifest"):
-        Manifest.load(broken)
+        Manifest.load(broken, settings=serving_int8)
+    Manifest.load(broken, settings=serving_int8.model_copy(update={"text_encoder": "fp32"}))
+    with pytest.raises(ManifestError, match=r"text_encoder_int8\.onnx: the graph's inputs"):
+        Manifest.load(broken, check_graphs=True)
 
 
 def test_encoder_width_not_fitting_the_head_is_a_clear_error(exported: tuple[Manifest, dict], tmp_path: Path) -> None:
