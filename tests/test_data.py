@@ -143,6 +143,16 @@ def test_missing_source_error_names_the_command(tmp_path: Path) -> None:
         build_benchmark(tmp_path / "out", sample=50, sources=tmp_path / "empty")
 
 
+def test_fetched_file_with_wrong_hash_is_deleted_and_refused(tmp_path: Path) -> None:
+    from models.data import SOURCES
+
+    bad = tmp_path / SOURCES["vader"].filename
+    bad.write_bytes(b"not the sdist")
+    with pytest.raises(ValueError, match="sha256"):
+        fetch_sources(tmp_path, ["vader"])
+    assert not bad.exists()
+
+
 def test_label_thresholds() -> None:
     assert [esr_label(s) for s in (-0.2, 0.0, 0.29, 0.3)] == ["negative", "neutral", "neutral", "positive"]
     assert [vader_label(m) for m in (-1.0, -0.99, 0.99, 1.0)] == ["negative", "neutral", "neutral", "positive"]
