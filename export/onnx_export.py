@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -333,7 +333,7 @@ def _parity(
     data_dir: Path,
     settings: Settings,
     options: ExportOptions,
-    timed: Any,
+    timed: Callable[[str, float], None],
 ) -> dict[str, Any]:
     tokenizer = TextTokenizer.from_file(manifest.tokenizer_path(), MAX_TOKENS)
     text_fp32 = create_session(manifest.text_encoder_path("fp32"), settings)
