@@ -54,7 +54,7 @@ class DRFConfig:
     hidden: int = 128
     dropout: float = 0.1
     queue_len: int = 1024
-    use_quality: bool = True  # off: uniform weights over the available modalities
+    use_quality: bool = True  # off: fusion weights ignore quality (it is still measured and reported)
     quality_tau: float = 1.0
     use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
     use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
@@ -132,10 +132,10 @@ class QualityEstimator(nn.Module):
         # Quality is a measurement: the projector must not learn to make bad inputs look typical.
         distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
         log_quality = -F.relu(distance - 1.0) / self.tau
-        if not self.use_quality:
-            log_quality = torch.zeros_like(log_quality)
         prior = self.prior if self.use_prior else torch.zeros_like(self.prior)
-        weights = masked_softmax(log_quality + prior, available)
+        # switched off, quality is still measured and reported, but the fusion ignores it
+        used = log_quality if self.use_quality else torch.zeros_like(log_quality)
+        weights = masked_softmax(used + prior, available)
         return torch.exp(log_quality), weights
 
 

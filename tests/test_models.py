@@ -133,6 +133,15 @@ def test_quality_drops_for_features_far_from_the_queue_distribution() -> None:
     torch.testing.assert_close(weights.sum(-1), torch.ones(64))
 
 
+def test_quality_is_reported_even_when_the_fusion_ignores_it() -> None:
+    estimator = QualityEstimator(DRFConfig(use_quality=False, use_modality_prior=False))
+    h = torch.zeros(4, 3, 8)
+    h[:, 2] += 4.0
+    quality, weights = estimator(h, torch.ones(4, 3), torch.zeros(3, 8), torch.ones(3, 8))
+    assert torch.all(quality[:, 2] < 0.01) and torch.all(quality[:, 0] == 1)
+    torch.testing.assert_close(weights, torch.full((4, 3), 1 / 3))
+
+
 def test_missing_modalities_get_zero_weight_without_recovery() -> None:
     weights = masked_softmax(torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
     torch.testing.assert_close(weights, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]]))
