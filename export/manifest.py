@@ -11,14 +11,20 @@ signature ONNX Runtime reports) and against the contracts of ``docs/architecture
 :class:`ManifestError` with the file and the difference. A bad model directory therefore fails at
 start-up, not in the middle of a stream.
 
+``python -m export.manifest check DIR`` checks every file of an export; ``python -m export.manifest
+replace DIR KEY FILE`` swaps in a user's own ONNX graph with the same interface (:func:`replace_graph`).
+
 Torch-free: serving imports this module (numpy, onnxruntime and the standard library only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import shutil
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +62,7 @@ __all__ = [
     "file_key",
     "format_spec",
     "model_version",
+    "replace_graph",
     "sha256_file",
 ]
 
@@ -598,3 +605,78 @@ def _json_default(value: Any) -> Any:
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
+
+
+def replace_graph(directory: str | Path, key: str, source: str | Path, settings: Settings | None = None) -> Manifest:
+    """Put a user's own ONNX file in place of graph ``key`` of an export, and re-describe the export.
+
+    DESIGN.md §6: any encoder can be replaced by an ONNX file with the same interface. The file must
+    pass the same contract checks as an exported one (input/output names and dtypes, widths that fit
+    the head); if it does not, :class:`ManifestError` is raised and the directory is left as it was.
+    The model version changes with the file, so the Redis queue of the new model starts apart. No
+    parity is possible for a foreign graph: the manifest records the replacement under
+    ``exporter["replaced"]``, and whether the head suits the new features is the user's call.
+    Needs the ``onnx`` package (to read the opset).
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ManifestError("replacing a graph needs the onnx package (pip install onnx)") from exc
+    manifest = Manifest.load(directory, settings=settings, check_graphs=False)
+    source = Path(source)
+    if not source.is_file():
+        raise ManifestError(f"{source}: no such ONNX file")
+    target = manifest.path_of(key)
+    staged = target.with_name(f".{target.name}.replacing")
+    shutil.copyfile(source, staged)
+    try:
+        proto = onnx.load(str(staged), load_external_data=False)
+        opset = next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), 0)
+        session = create_session(staged, settings)
+        described = OnnxFile(target.name, sha256_file(staged), opset, session.inputs, session.outputs)
+        exporter = dict(manifest.exporter)
+        exporter["replaced"] = {**dict(exporter.get("replaced") or {}),
+                                key: {"source": str(source.resolve()), "sha256": described.sha256}}
+        updated = dataclasses.replace(manifest, files={**manifest.files, key: described}, exporter=exporter)
+        updated = dataclasses.replace(updated, model_version=model_version(updated))
+        updated._check_contracts()
+    except ManifestError as exc:
+        staged.unlink(missing_ok=True)
+        raise ManifestError(f"{source} cannot replace {key}: {exc}") from exc
+    except Exception:
+        staged.unlink(missing_ok=True)
+        raise
+    staged.replace(target)
+    updated.save()
+    return Manifest.load(directory, settings=settings, check_graphs=[key])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m export.manifest check DIR`` | ``replace DIR KEY FILE``: check an export, or swap in a graph."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m export.manifest", description=main.__doc__)
+    sub = parser.add_subparsers(dest="action", required=True)
+    check = sub.add_parser("check", help="load and check every file of an export; print its summary")
+    check.add_argument("directory", type=Path)
+    replace = sub.add_parser("replace", help="replace graph KEY (e.g. image_encoder) by your own ONNX file")
+    replace.add_argument("directory", type=Path)
+    replace.add_argument("key")
+    replace.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "check":
+            manifest = Manifest.load(args.directory, check_graphs=True)
+        else:
+            manifest = replace_graph(args.directory, args.key, args.file)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model version {manifest.version}: {', '.join(sorted(manifest.files))}; "
+          f"text encoder {'/'.join(manifest.text_encoder_variants)}; recovery {'/'.join(manifest.recovery_paths)} "
+          f"(default {manifest.default_recovery}); queue d={manifest.queue_dim}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

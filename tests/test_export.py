@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from export.exceptions import ModelError
-from export.manifest import MANIFEST_FILE, Manifest, ManifestError
+from export.manifest import MANIFEST_FILE, Manifest, ManifestError, replace_graph
 from export.onnx_export import PARITY_FILE, ExportOptions, export_model
 from export.parity import BATCH_SIZES, PROB_ATOL, real_images, real_texts
 from models.common import FEATURE_DIMS, MODALITIES
@@ -227,6 +227,31 @@ def test_hand_edited_model_version_is_a_clear_error(exported: tuple[Manifest, di
     _edit_manifest(broken, lambda data: data.update(model_version="0123456789abcdef"))
     with pytest.raises(ManifestError, match="not the content hash"):
         Manifest.load(broken)
+
+
+def test_own_encoder_with_the_same_interface_replaces_a_graph_under_a_new_version(
+    exported: tuple[Manifest, dict], tmp_path: Path
+) -> None:
+    manifest, _ = exported
+    mine = _copy_export(manifest.root, tmp_path / "mine")
+    replaced = replace_graph(mine, "text_encoder_int8", manifest.text_encoder_path("fp32"))
+    assert replaced.version != manifest.version
+    assert replaced.files["text_encoder_int8"].sha256 == manifest.files["text_encoder_fp32"].sha256
+    assert replaced.exporter["replaced"]["text_encoder_int8"]["sha256"] == replaced.files["text_encoder_int8"].sha256
+    assert Manifest.load(mine, check_graphs=True) == replaced
+
+
+def test_graph_with_another_interface_is_refused_and_the_export_left_intact(
+    exported: tuple[Manifest, dict], tmp_path: Path
+) -> None:
+    manifest, _ = exported
+    mine = _copy_export(manifest.root, tmp_path / "mine")
+    before = (mine / MANIFEST_FILE).read_bytes()
+    with pytest.raises(ManifestError, match=r"head_fsrf\.onnx cannot replace image_encoder: .*\['text', 'image'"):
+        replace_graph(mine, "image_encoder", manifest.head_path("fsrf"))
+    assert (mine / MANIFEST_FILE).read_bytes() == before
+    assert Manifest.load(mine, check_graphs=True).version == manifest.version
+    assert sorted(p.name for p in mine.iterdir() if p.name.startswith(".")) == []
 
 
 # -- serving without torch -------------------------------------------------------------------------
