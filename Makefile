@@ -30,8 +30,7 @@ services-status: install
 	$(CLI) services status
 
 demo: install
-	$(CLI) services start
-	$(CLI) roundtrip -n 1000; rc=$$?; $(CLI) services stop; exit $$rc
+	$(CLI) demo
 
 test: install
 	bash scripts/install-prometheus.sh

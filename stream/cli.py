@@ -17,6 +17,7 @@ __all__ = ["COMMANDS", "main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("stream.demo", "start the stack, serve a model, replay the test stream with faults, print the report"),
     "services": ("stream.services", "start, stop or inspect the local broker and Redis"),
     "roundtrip": ("stream.roundtrip", "produce posts to the broker and read them back (smoke test)"),
     "data": ("models.data", "build the benchmark data set and its feature cache"),

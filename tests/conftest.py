@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,17 @@ def _artifact_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One builder at a time for an artifact (parallel pytest runs share the cache)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _cli(*args: str) -> None:
     result = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -99,47 +112,32 @@ def _cli(*args: str) -> None:
 @pytest.fixture(scope="session")
 def sample_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real benchmark (2,500 tweets, clean features) built by `sentiment-stream data build`."""
+    if os.environ.get("SENTIMENT_TEST_BENCH"):  # a developer's already-built sample
+        return Path(os.environ["SENTIMENT_TEST_BENCH"])
     out = _artifact_root(tmp_path_factory) / f"bench-{_code_hash(_DATA_CODE, SAMPLE_TWEETS)}"
-    if not (out / "READY").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        _cli("data", "build", "--out", str(out), "--sample", str(SAMPLE_TWEETS), "--clean-only", "--seed", "0")
-        (out / "READY").touch()
+    with _exclusive(out):
+        if not (out / "READY").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            _cli("data", "build", "--out", str(out), "--sample", str(SAMPLE_TWEETS), "--clean-only", "--seed", "0")
+            (out / "READY").touch()
     return out
 
 
 @pytest.fixture(scope="session")
 def served_model(sample_benchmark: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An exported model dir (manifest.json + ONNX files) trained on the sample benchmark."""
-    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS)
+    if os.environ.get("SENTIMENT_TEST_MODEL"):  # a developer's already-exported model
+        return Path(os.environ["SENTIMENT_TEST_MODEL"])
+    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS, str(sample_benchmark))
     root = _artifact_root(tmp_path_factory)
     model, exported = root / f"model-{key}", root / f"export-{key}"
-    if not (exported / "manifest.json").exists():
-        shutil.rmtree(model, ignore_errors=True)
-        _cli(
-            "train",
-            "--model",
-            "serving",
-            "--epochs",
-            "8",
-            "--out",
-            str(model),
-            "--data-dir",
-            str(sample_benchmark),
-            "--no-progress",
-        )
-        _cli(
-            "export",
-            "--model-dir",
-            str(model),
-            "--out",
-            str(exported),
-            "--data-dir",
-            str(sample_benchmark),
-            "--head-samples",
-            "400",
-            "--int8-eval-posts",
-            "0",
-        )
+    with _exclusive(exported):
+        if not (exported / "manifest.json").exists():
+            shutil.rmtree(model, ignore_errors=True)
+            _cli("train", "--model", "serving", "--epochs", "8", "--out", str(model),
+                 "--data-dir", str(sample_benchmark), "--no-progress")
+            _cli("export", "--model-dir", str(model), "--out", str(exported), "--data-dir", str(sample_benchmark),
+                 "--head-samples", "400", "--int8-eval-posts", "0")
     return exported
 
 
