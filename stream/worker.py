@@ -185,8 +185,9 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         t0 = time.perf_counter()
         pending = []
         emit_ts = time.time()
+        # the emit time is when the event leaves, and the latency metric observes that same value
+        outcome.events = [dataclasses.replace(ev, emit_ts=emit_ts) for ev in outcome.events]
         for ev in outcome.events:
-            ev = dataclasses.replace(ev, emit_ts=emit_ts)
             pending.append(await sentiment_topic.send(key=ev.id.encode(), value=ev.encode()))
         for dl in outcome.dead_letters:
             pending.append(await dlq_topic.send(key=dl.key, value=dl.encode()))

@@ -19,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from export.manifest import Manifest
 from stream.events import Post, encode_post
 from stream.feature_queue import FeatureQueue, SyncFeatureQueue
-from stream.metrics import METRIC_NAMES
+from stream.metrics import METRIC_NAMES, latency_buckets
 from stream.scoring import InputRecord, PostScorer
 from stream.services import redis_server_binary
 from stream.settings import Settings
+from tests.prometheus_support import StartPrometheus, prometheus_server_fixture  # noqa: F401 - the fixture
+from tests.test_deploy import expected_quantile
 from tests.worker_support import WorkerProcess, collect, free_port, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -316,3 +318,33 @@ def test_stream_outputs_equal_the_offline_scorer(
         assert streamed.label == ev.label
         np.testing.assert_allclose(streamed.probs, ev.probs, atol=1e-5)
         assert streamed.quality.keys() == ev.quality.keys()
+
+
+def test_real_prometheus_scrapes_a_running_worker_and_computes_p99(
+    worker_settings: Settings,
+    benchmark_posts: list[Post],
+    tmp_path: Path,
+    prometheus_server: StartPrometheus,
+) -> None:
+    worker = WorkerProcess(worker_settings, tmp_path / "worker.log").start()
+    posts = benchmark_posts[:200]
+    try:
+        worker.wait_ready()
+        prom = prometheus_server([f"127.0.0.1:{worker.metrics_port}"])
+        _run(produce(worker_settings, [(p.id.encode(), encode_post(p)) for p in posts], rate=10))
+        got = _run(collect(worker_settings, [p.id for p in posts], [], timeout=240))
+        deadline = time.monotonic() + 60
+        while prom.query_value('sum(sentiment_events_total{outcome="scored"})') != len(posts):
+            assert time.monotonic() < deadline, "Prometheus never scraped the final counts"
+            time.sleep(0.5)
+        p99 = prom.wait_for_value(
+            "histogram_quantile(0.99, sum by (le) (rate(sentiment_e2e_latency_seconds_bucket[1m])))", timeout=30
+        )
+    finally:
+        worker.terminate()
+    latencies = tuple(got.events[p.id][0].latency_s for p in posts)
+    buckets = latency_buckets(worker_settings.latency_slo_s)
+    rank = sorted(latencies)[int(0.99 * len(latencies)) - 1]
+    expected = expected_quantile(0.99, latencies, buckets) if rank <= buckets[-1] else buckets[-1]
+    print(f"\nPrometheus p99 end-to-end latency of a real worker: {p99:.3f} s (from the events: {expected:.3f} s)")
+    assert p99 == pytest.approx(expected, rel=0.05)
