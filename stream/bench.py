@@ -16,7 +16,12 @@ What one run measures, for each post mix (``--mixes``), ``--repeats`` times:
   is handed to the producer, so an event's ``latency_s`` (emit − ts) is emit − publish; receive −
   publish (at our consumer) is reported too.
 * **(c) naive peer** — :mod:`stream.bench_naive`: a Faust agent scoring one post at a time with
-  PyTorch eager, same posts, same broker, same saturation protocol.
+  PyTorch eager, same posts, same broker, same saturation protocol, for ``--naive-seconds`` (it never
+  drains the backlog; its rate counts the events so far). ``--naive-threads`` torch threads (default
+  1: with torch's default of one per core it collapsed on the shared machine, see docs/performance.md).
+* **(a) again** after the pipelines: the ratios use the mean of both, and each pipeline also reports
+  how busy its scoring executors were (Σ batch seconds / wall seconds / workers) — a measure of
+  pipeline overhead that does not depend on the machine's load.
 
 The machine is shared, so ratios are taken within one repeat (same load), and the spread over repeats
 and the load average (``os.getloadavg``) at each step are reported. Output: JSON (``--json``) and a
@@ -256,10 +261,12 @@ class ServiceProcess:
     log_path: Path
     metrics_port: int = field(default_factory=_free_port)
     web_port: int = field(default_factory=_free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
         env = _env(self.settings, metrics_port=self.metrics_port, web_port=self.web_port)
+        env.update(self.extra_env)
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", *self.module], env=env, stdout=log_file, stderr=subprocess.STDOUT
@@ -419,7 +426,11 @@ async def _warm_up(
 async def _saturate(
     settings: Settings, collector: Collector, posts: Sequence[dict[str, Any]], timeout: float
 ) -> dict[str, Any]:
-    """Produce ``posts`` as fast as possible; posts/s = n / (last emit − first publish)."""
+    """Produce ``posts`` as fast as possible; posts/s = events / (last emit − first publish).
+
+    If not every event arrives within ``timeout`` (the naive peer), the rate counts the events so far:
+    the backlog never ran dry, so it is still the saturated rate.
+    """
     producer = await _producer(settings, 5)
     load = _load_avg()
     try:
@@ -514,11 +525,15 @@ async def pipeline(
     tag: str,
     seed: int,
     timeout: float,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads."""
     settings = await _fresh_settings(base, tag)
     services = [
-        ServiceProcess(module, settings, log_dir / f"{settings.consumer_group}-{i}.log") for i in range(n_procs)
+        ServiceProcess(
+            module, settings, log_dir / f"{settings.consumer_group}-{i}.log", extra_env=dict(extra_env or {})
+        )
+        for i in range(n_procs)
     ]
     collector = Collector(settings)
     await collector.start()
@@ -602,27 +617,37 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
             )
             log.info("[%s #%d] (b) %d: %s", mix.name, repeat, n, res[f"b_pipeline_{n}"]["saturation"])
         if not args.skip_naive:
-            n_naive = max(args.min_posts // 4, round(args.naive_seconds * args.naive_guess))
-            log.info("[%s #%d] (c) naive peer, %d posts", mix.name, repeat, n_naive)
+            log.info("[%s #%d] (c) naive peer for %.0f s", mix.name, repeat, args.naive_seconds)
+            threads = {"OMP_NUM_THREADS": str(args.naive_threads)} if args.naive_threads else {}
             res["c_naive"] = await pipeline(
                 settings,
                 ["stream.bench_naive"],
                 1,
-                posts[:n_naive],
+                posts,
                 [],
                 [],
                 0,
                 log_dir,
                 f"{mix.name}naive",
                 seed,
-                args.timeout,
+                args.naive_seconds,
+                threads,
             )
             log.info("[%s #%d] (c) %s", mix.name, repeat, res["c_naive"]["saturation"])
         return res
 
     out.update(asyncio.run(pipelines()))
-    a1 = limit_1
-    a2 = out["a_compute"].get("multi_process", a1)
+    # The machine is shared: measure the limit again after the pipelines and compare with the mean.
+    log.info("[%s #%d] (a) compute limit again", mix.name, repeat)
+    best = out["a_compute"]["best_batch"]
+    out["a_compute_after"] = compute_limit(manifest_dir, values, [best], args.cell_seconds, args.procs)
+    a1 = (limit_1 + out["a_compute_after"]["one_process"]) / 2
+    a2 = (out["a_compute"].get("multi_process", limit_1) + out["a_compute_after"].get("multi_process", a1)) / 2
+    out["limit_mean"] = {"one_process": a1, "multi_process": a2}
+    for key in [k for k in out if k.startswith("b_pipeline_")]:
+        sat, n = out[key]["saturation"], out[key]["processes"]
+        # share of the wall time the scoring executors were busy: 1.0 = the pipeline never starves them
+        out[key]["executor_busy"] = out[key]["stage_seconds"].get("batch", math.nan) / (sat["elapsed_s"] * n)
     b1 = out["b_pipeline_1"]["saturation"]["posts_s"]
     b2 = out[f"b_pipeline_{args.procs}"]["saturation"]["posts_s"]
     c = out["c_naive"]["saturation"]["posts_s"] if "c_naive" in out else math.nan
@@ -696,11 +721,20 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(_cell(vals, digits, scale))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
-    row("(a) compute limit, 1 process × 1 thread, best batch [posts/s]", lambda r: r["a_compute"]["one_process"])
+    row("(a) compute limit, 1 process × 1 thread, best batch [posts/s]", lambda r: r["limit_mean"]["one_process"])
+    row("    measured before the pipelines", lambda r: r["a_compute"]["one_process"])
+    row("    measured after the pipelines", lambda r: r["a_compute_after"]["one_process"])
     row("    best batch size", lambda r: r["a_compute"]["best_batch"])
-    row(f"(a) compute limit, {procs} processes × 1 thread [posts/s]", lambda r: r["a_compute"]["multi_process"])
+    row(f"(a) compute limit, {procs} processes × 1 thread [posts/s]", lambda r: r["limit_mean"]["multi_process"])
     row("(b) pipeline, 1 worker [posts/s]", lambda r: r["b_pipeline_1"]["saturation"]["posts_s"])
     row(f"(b) pipeline, {procs} workers [posts/s]", lambda r: r[f"b_pipeline_{procs}"]["saturation"]["posts_s"])
+    row("(b) executor busy, 1 worker [% of wall time]", lambda r: r["b_pipeline_1"]["executor_busy"], 0, 100)
+    row(
+        f"(b) executor busy, {procs} workers [% of wall time]",
+        lambda r: r[f"b_pipeline_{procs}"]["executor_busy"],
+        0,
+        100,
+    )
     row(
         "(c) naive peer: Faust + PyTorch eager, one post at a time [posts/s]",
         lambda r: r["c_naive"]["saturation"]["posts_s"],
@@ -719,10 +753,11 @@ def markdown(report: dict[str, Any]) -> str:
             row(f"latency at {f:.0%} of saturation, emit − publish, {p} [ms]", _latency(procs, key, "emit", p), 0, 1000)
         row(f"latency at {f:.0%}, receive − publish, p99 [ms]", _latency(procs, key, "receive", "p99"), 0, 1000)
     row("p99 at 50 % / one batch's compute time [×]", lambda r: r["p99_at_half_over_batch"], 2)
-    row("load average (1 min) at start → end", lambda r: r["load_start"], 1)
-    lines[-1] = (
-        lines[-1][:-2] + " → " + " | ".join(_cell([r["load_end"] for r in runs], 1) for runs in by_mix.values()) + " |"
-    )
+    loads = [
+        f"{_cell([r['load_start'] for r in runs], 1)} → {_cell([r['load_end'] for r in runs], 1)}"
+        for runs in by_mix.values()
+    ]
+    lines.append("| load average (1 min) at start → end | " + " | ".join(loads) + " |")
     return "\n".join(lines)
 
 
@@ -760,8 +795,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-posts", type=int, default=512, help="posts cycled in the (a) loop")
     parser.add_argument("--seconds", type=float, default=15.0, help="saturation run length at the compute limit")
     parser.add_argument("--min-posts", type=int, default=200)
-    parser.add_argument("--naive-seconds", type=float, default=15.0)
-    parser.add_argument("--naive-guess", type=float, default=20.0, help="expected naive posts/s (sizes its run)")
+    parser.add_argument("--naive-seconds", type=float, default=30.0, help="how long the naive peer runs saturated")
+    parser.add_argument(
+        "--naive-threads", type=int, default=1, help="torch threads of the naive peer (0: torch default)"
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--loads", type=float, nargs="*", default=[0.25, 0.5, 0.8])
     parser.add_argument("--latency-seconds", type=float, default=20.0)

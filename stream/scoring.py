@@ -66,6 +66,7 @@ class PostScorer:
         # Moments of the training-time queue: the fallback when Redis has never answered.
         self.fallback_mean, self.fallback_var = manifest.queue_moments()
         self.sub_batch = max(1, self.settings.encode_sub_batch)
+        self.image_sub_batch = max(1, self.settings.image_sub_batch)
 
     @property
     def sessions(self) -> dict[str, ModelSession]:
@@ -98,16 +99,22 @@ class PostScorer:
         )
 
     def encode_texts(self, texts: Sequence[str], tokenizer: TextTokenizer) -> np.ndarray:
-        """[n, 384] embeddings; texts are length-bucketed so short tweets are not padded to long ones."""
+        """[n, 384] embeddings; texts are bucketed by token count so short tweets are not padded to long ones.
+
+        One tokenizer call for the whole batch (the Rust tokenizer parallelises it), then each sub-batch
+        is cut to its own longest row: the same ids and mask as tokenising the sub-batch alone.
+        """
         out = np.zeros((len(texts), 384), np.float32)
         if not texts:
             return out
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        ids, mask = tokenizer.encode(list(texts))
+        lengths = mask.sum(1)
+        order = np.argsort(lengths, kind="stable")
         for start in range(0, len(order), self.sub_batch):
             idx = order[start : start + self.sub_batch]
-            ids, mask = tokenizer.encode([texts[i] for i in idx])
-            result = self.text_session.run({"input_ids": ids, "attention_mask": mask})
-            out[idx] = result[TEXT_OUTPUT]
+            width = int(lengths[idx].max())
+            feeds = {"input_ids": ids[idx, :width], "attention_mask": mask[idx, :width]}
+            out[idx] = self.text_session.run(feeds)[TEXT_OUTPUT]
         return out
 
     def encode_images(self, posts: Sequence[Post]) -> np.ndarray:
@@ -115,8 +122,8 @@ class PostScorer:
             return np.zeros((0, 1280), np.float32)
         pixels = images_to_batch([p.pixels for p in posts if p.pixels is not None], self.image_size)
         chunks = []
-        for start in range(0, len(pixels), self.sub_batch):
-            result = self.image_session.run({IMAGE_INPUT: pixels[start : start + self.sub_batch]})
+        for start in range(0, len(pixels), self.image_sub_batch):
+            result = self.image_session.run({IMAGE_INPUT: pixels[start : start + self.image_sub_batch]})
             chunks.append(result[IMAGE_OUTPUT])
         return np.concatenate(chunks).astype(np.float32, copy=False)
 

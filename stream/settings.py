@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=1, ge=0)
     text_encoder: Literal["fp32", "int8"] = "fp32"
     encode_sub_batch: int = Field(default=16, ge=1)  # text is length-bucketed into sub-batches this big
+    image_sub_batch: int = Field(default=8, ge=1)  # the CNN gains nothing from bigger batches (docs/performance.md)
     enqueue_min_confidence: float = Field(default=0.8, ge=0, le=1)
     enqueue_min_quality: float = Field(default=0.2, ge=0, le=1)
 
