@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1, le=1024)
     consumer_group: str = "sentiment-stream"
     session_timeout_s: float = Field(default=6.0, gt=0)
+    # Faust asks for 1.5 s fetch waits and Tansu holds a fetch that long even when records arrive.
+    fetch_max_wait_s: float = Field(default=0.025, gt=0)
 
     # Redis (the DRF feature queue)
     redis_url: str = "redis://127.0.0.1:6379/0"
