@@ -655,6 +655,12 @@ def build_benchmark(
     _write_jsonl(out / "pools" / "transcripts.jsonl", [asdict(t) for t in transcripts])
     manifest = _manifest(sources, seed, sample, p_image, p_transcript, posts, images, transcripts)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # The replayable stream of the test split (synthetic Poisson arrivals; the header says so).
+    from stream.recording import benchmark_posts, write_recording
+
+    write_recording(out / "recordings" / "test.srec", benchmark_posts(out, "test"), start_ts=1_700_000_000.0,
+                    rate=50.0, seed=seed, created=0.0,
+                    meta={"split": "test", "generator_version": GENERATOR_VERSION, "synthetic_pairing": True})
     log.info("benchmark in %s: %s", out, {s: len(r) for s, r in posts.items()})
     return Benchmark(out, posts, images, transcripts, manifest)
 
