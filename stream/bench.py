@@ -2,7 +2,7 @@
 
 What one run measures, for each post mix (``--mixes``), ``--repeats`` times:
 
-* **(a) compute limit** — :class:`~stream.scoring.PostScorer` alone, in this process, on the raw msgpack
+* **(a) compute limit** — :class:`~stream.scoring.PostScorer` alone, in a child process, on the raw msgpack
   bytes (decode + validate, tokenise, ONNX encoders, head; no broker, no Redis) at each ``--batches``
   size; the best one is the limit of one process. Then the same at that batch size in
   ``--procs`` processes × 1 thread at once (the machine limit: one process per core).
@@ -164,16 +164,26 @@ def _scorer_rate(
             return {"posts_s": done / elapsed, "batch_s_median": float(statistics.median(times)), "batches": len(times)}
 
 
-def _scorer_rate_child(args: tuple[str, list[bytes], int, float, float]) -> dict[str, float]:
+def _scorer_rate_child(args: tuple[str, list[bytes], int, float, float | None]) -> dict[str, float]:
     logging.basicConfig(level=logging.WARNING)
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # its own scheduler autogroup, like every process under test (see ServiceProcess.start)
     return _scorer_rate(*args)
 
 
 def compute_limit(
     manifest_dir: Path, values: Sequence[bytes], batches: Sequence[int], seconds: float, procs: int
 ) -> dict[str, Any]:
-    """(a): in-process posts/s per batch size, the best one, and ``procs`` processes × 1 thread at that size."""
-    per_batch = {b: _scorer_rate(str(manifest_dir), values, b, seconds) for b in batches}
+    """(a): posts/s of one process per batch size, the best one, and ``procs`` processes × 1 thread at that size.
+
+    Every measurement runs in a spawned child with a session of its own (see :meth:`ServiceProcess.start`).
+    """
+    # spawn: a fork of this process would inherit its ONNX thread pools and Python state
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        per_batch = {
+            b: pool.apply(_scorer_rate_child, ((str(manifest_dir), list(values), b, seconds, None),)) for b in batches
+        }
     best = max(per_batch, key=lambda b: per_batch[b]["posts_s"])
     result: dict[str, Any] = {
         "per_batch": {str(b): r for b, r in per_batch.items()},
@@ -182,8 +192,6 @@ def compute_limit(
         "load_before_multi": _load_avg(),
     }
     if procs > 1:
-        # spawn: a fork of this process would inherit its ONNX thread pools and Python state
-        ctx = mp.get_context("spawn")
         start_at = time.time() + 20.0  # children load the model first, then measure the same window
         with ctx.Pool(procs) as pool:
             rates = pool.map(_scorer_rate_child, [(str(manifest_dir), list(values), best, seconds, start_at)] * procs)
@@ -268,8 +276,15 @@ class ServiceProcess:
         env = _env(self.settings, metrics_port=self.metrics_port, web_port=self.web_port)
         env.update(self.extra_env)
         with self.log_path.open("ab") as log_file:
+            # A session of its own: with sched_autogroup (Debian's default) the kernel shares the CPU
+            # between sessions, so on a shared machine every process under test gets the same share
+            # instead of all of them splitting the share of the bench's session.
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", *self.module], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                [sys.executable, "-m", *self.module],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return self
 
@@ -307,12 +322,16 @@ class ServiceProcess:
 
 
 def _stage_seconds(metrics_text: str) -> dict[str, float]:
-    """Sum of seconds per stage from ``sentiment_stage_latency_seconds_sum`` lines."""
+    """Sum of seconds per stage (``sentiment_stage_latency_seconds_sum``), plus ``posts`` and ``batches``."""
     out: dict[str, float] = {}
     for line in metrics_text.splitlines():
         if line.startswith("sentiment_stage_latency_seconds_sum{"):
             stage = line.split('stage="', 1)[1].split('"', 1)[0]
             out[stage] = out.get(stage, 0.0) + float(line.split()[-1])
+        elif line.startswith("sentiment_batch_size_sum "):
+            out["posts"] = float(line.split()[-1])
+        elif line.startswith("sentiment_batch_size_count "):
+            out["batches"] = float(line.split()[-1])
     return out
 
 
