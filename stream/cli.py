@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream.worker", "run the Faust streaming worker"),
     "record": ("stream.recording", "record a topic into a replayable file"),
     "replay": ("stream.replay", "replay a recording with injected faults and write a robustness report"),
+    "bench": ("stream.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
 }
 
 
