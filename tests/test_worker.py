@@ -327,24 +327,31 @@ def test_real_prometheus_scrapes_a_running_worker_and_computes_p99(
     prometheus_server: StartPrometheus,
 ) -> None:
     worker = WorkerProcess(worker_settings, tmp_path / "worker.log").start()
-    posts = benchmark_posts[:200]
+    warmup, posts = benchmark_posts[:1], benchmark_posts[1:201]
     try:
         worker.wait_ready()
+        # the first post waits for the consumer group to form; the rest measure steady-state latency
+        _run(produce(worker_settings, [(p.id.encode(), encode_post(p)) for p in warmup]))
+        _run(collect(worker_settings, [p.id for p in warmup], [], timeout=120))
         prom = prometheus_server([f"127.0.0.1:{worker.metrics_port}"])
         _run(produce(worker_settings, [(p.id.encode(), encode_post(p)) for p in posts], rate=10))
-        got = _run(collect(worker_settings, [p.id for p in posts], [], timeout=240))
+        got = _run(collect(worker_settings, [p.id for p in warmup + posts], [], timeout=240))
         deadline = time.monotonic() + 60
-        while prom.query_value('sum(sentiment_events_total{outcome="scored"})') != len(posts):
+        while prom.query_value('sum(sentiment_events_total{outcome="scored"})') != len(warmup + posts):
             assert time.monotonic() < deadline, "Prometheus never scraped the final counts"
             time.sleep(0.5)
-        p99 = prom.wait_for_value(
+        # over every observation (the cumulative buckets), and as a dashboard computes it (rate over 1 m)
+        p99_all = prom.wait_for_value("histogram_quantile(0.99, sum by (le) (sentiment_e2e_latency_seconds_bucket))")
+        p99_rate = prom.wait_for_value(
             "histogram_quantile(0.99, sum by (le) (rate(sentiment_e2e_latency_seconds_bucket[1m])))", timeout=30
         )
     finally:
         worker.terminate()
-    latencies = tuple(got.events[p.id][0].latency_s for p in posts)
+    latencies = tuple(got.events[p.id][0].latency_s for p in warmup + posts)
     buckets = latency_buckets(worker_settings.latency_slo_s)
     rank = sorted(latencies)[int(0.99 * len(latencies)) - 1]
     expected = expected_quantile(0.99, latencies, buckets) if rank <= buckets[-1] else buckets[-1]
-    print(f"\nPrometheus p99 end-to-end latency of a real worker: {p99:.3f} s (from the events: {expected:.3f} s)")
-    assert p99 == pytest.approx(expected, rel=0.05)
+    print(f"\nPrometheus p99 end-to-end latency of a real worker: {p99_rate:.3f} s over the last minute, "
+          f"{p99_all:.3f} s over the run (from the events: {expected:.3f} s)")
+    assert p99_all == pytest.approx(expected, rel=0.02)
+    assert 0 < p99_rate <= buckets[-1]
