@@ -63,6 +63,11 @@ class Method:
     model: str
     recovery: str | None = None
     ablate: tuple[str, ...] = ()
+    weights_of: str | None = None  # evaluate another method's trained runs (e.g. a swapped recovery path)
+
+    @property
+    def runs_tag(self) -> str:
+        return self.weights_of or self.tag
 
 
 MAIN_METHODS: Final = (
@@ -73,6 +78,8 @@ MAIN_METHODS: Final = (
     Method("fsrf", "fsrf"),
     Method("serving_fsrf", "serving", "fsrf"),
     Method("serving_drf", "serving", "drf"),
+    # the serving head trained on the FSRF path, exported with the DRF path (recovery is fixed per export)
+    Method("serving_fsrf_as_drf", "serving", "drf", weights_of="serving_fsrf"),
 )
 ABLATION_METHODS: Final = (
     *(Method(f"drf-no_{p}", "drf", ablate=(p,)) for p in DRF_PARTS),
@@ -166,7 +173,7 @@ def evaluate_run(model: nn.Module, data: EvalData, seed: int) -> dict[str, dict[
 
 
 def run_dir(runs_dir: Path, split: str, method: Method, seed: int) -> Path:
-    return runs_dir / split / method.tag / f"seed{seed}"
+    return runs_dir / split / method.runs_tag / f"seed{seed}"
 
 
 def train_run(
@@ -177,12 +184,15 @@ def train_run(
     val: FeatureTable,
     out: Path,
     epochs: int,
+    patience: int,
     data_dir: Path,
 ) -> None:
     """Train one (method, seed) into ``out`` exactly as ``sentiment-stream train`` would."""
     config = make_config(method.model, method.ablate, (), method.recovery)
     disruption = TrainDisruption()
-    result = train_model(method.model, config, train, val, seed=seed, epochs=epochs, disruption=disruption)
+    result = train_model(
+        method.model, config, train, val, seed=seed, epochs=epochs, patience=patience, disruption=disruption
+    )
     train_split, val_split, _ = SPLITS[split]
     extra = {
         "seed": seed,
@@ -192,7 +202,13 @@ def train_run(
         "ablate": list(method.ablate),
         "overrides": [],
         "tag": method.tag,
-        "train": {"epochs": epochs, "batch_size": 256, "lr": 1e-3, "patience": 5, "disruption": vars(disruption)},
+        "train": {
+            "epochs": epochs,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "patience": patience,
+            "disruption": vars(disruption),
+        },
         "data_meta": train.meta,
         "queue_len": int(next(iter(result.queue.values())).shape[0]),
     }
@@ -317,6 +333,39 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _paired_delta(results: dict[str, Any], method: str, base: str, condition: str, metric: str) -> str:
+    per_seed = results["per_seed"]
+    seeds = sorted(set(per_seed.get(method, {})) & set(per_seed.get(base, {})))
+    diffs = [
+        per_seed[method][s][condition][metric] - per_seed[base][s][condition][metric]
+        for s in seeds
+        if condition in per_seed[method][s] and condition in per_seed[base][s]
+    ]
+    if not diffs:
+        return "—"
+    return f"{100 * np.mean(diffs):+.2f} ± {100 * np.std(diffs):.2f}"
+
+
+def summary_markdown(results: dict[str, Any], focus: str = "random_C+D_0.6", base: str = "late_zero") -> str:
+    """The headline table: clean metrics, the focus condition and paired deltas against ``base``."""
+    agg = results["aggregate"]
+    header = (
+        f"| method | clean acc | clean wF1 | clean mF1 | {focus} wF1 | {focus} mF1 "
+        f"| Δ clean wF1 vs {base} | Δ {focus} wF1 vs {base} | train s |"
+    )
+    lines = [header, "|---|" + "---|" * 8]
+    for m in agg:
+        seconds = results.get("train_seconds", {}).get(m, {})
+        lines.append(
+            f"| {m} | {_cell(agg, m, 'clean', 'accuracy')} | {_cell(agg, m, 'clean', 'f1_weighted')} "
+            f"| {_cell(agg, m, 'clean', 'f1_macro')} | {_cell(agg, m, focus, 'f1_weighted')} "
+            f"| {_cell(agg, m, focus, 'f1_macro')} | {_paired_delta(results, m, base, 'clean', 'f1_weighted')} "
+            f"| {_paired_delta(results, m, base, focus, 'f1_weighted')} "
+            f"| {seconds.get('mean', float('nan')):.0f} ± {seconds.get('std', float('nan')):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- command -----------------------------------------------------------------------------------
 
 
@@ -331,11 +380,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-missing", action="store_true", help="train runs that do not exist yet")
     parser.add_argument("--train-only", action="store_true", help="train missing runs, evaluate nothing")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary", action="store_true", help="print the headline table of --out/results.json")
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.summary:
+        print(summary_markdown(json.loads((args.out / "results.json").read_text())))
+        return 0
     tags = args.methods or [m.tag for m in MAIN_METHODS]
     if args.ablations:
         tags += [m.tag for m in ABLATION_METHODS if m.tag not in tags]
@@ -346,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [
             (m, s)
             for m in methods
+            if m.weights_of is None
             for s in args.seeds
             if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
         ]
@@ -355,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
             for method, seed in missing:
                 log.info("training %s seed %d on %s", method.tag, seed, args.split)
                 out = run_dir(args.runs_dir, args.split, method, seed)
-                train_run(method, seed, args.split, train, val, out, args.epochs, args.data_dir)
+                train_run(method, seed, args.split, train, val, out, args.epochs, args.patience, args.data_dir)
         if args.train_only:
             return 0
 
