@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgpack
 import numpy as np
@@ -80,19 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Every reject reason of the contract a client can cause (``internal_error`` is the worker's own).
-MALFORMED_KINDS: Final[tuple[RejectReason, ...]] = (
-    "not_msgpack",
-    "not_a_map",
-    "missing_id",
-    "invalid_id",
-    "wrong_type",
-    "invalid_ts",
-    "invalid_label",
-    "field_too_long",
-    "no_modality",
-    "image_too_large",
-    "image_undecodable",
-)
+MALFORMED_KINDS: Final[tuple[RejectReason, ...]] = tuple(r for r in get_args(RejectReason) if r != "internal_error")
 IMAGE_CORRUPTIONS: Final = ("mask", "blur", "downscale")
 EVENT: Final = "event"  # the expected outcome of a valid post; otherwise the expected reject reason
 _POST_FIELDS: Final = ("id", "ts", "text", "image", "transcript", "label")
