@@ -67,6 +67,12 @@ def redis_server_binary() -> Path:
     return path
 
 
+def redis_server_argv(port: int, workdir: Path) -> list[str]:
+    """A loopback-only, non-persistent, foreground redis-server on ``port``."""
+    return [str(redis_server_binary()), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
         return True
@@ -186,21 +192,7 @@ class LocalStack:
             raise ServiceError(
                 f"{host}:{port} is in use by something that is not Redis; set SENTIMENT_REDIS_URL to a free port"
             )
-        argv = [
-            str(redis_server_binary()),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.run_dir),
-            "--daemonize",
-            "no",
-        ]
+        argv = redis_server_argv(port, self.run_dir)
         pid = self._spawn(REDIS, argv)
         if not _wait_until(lambda: redis_answers(host, port), timeout=10):
             self._kill(pid)

@@ -21,7 +21,7 @@ from stream.events import Post, encode_post
 from stream.feature_queue import FeatureQueue, SyncFeatureQueue
 from stream.metrics import METRIC_NAMES, latency_buckets
 from stream.scoring import InputRecord, PostScorer
-from stream.services import redis_server_binary
+from stream.services import redis_server_argv
 from stream.settings import Settings
 from tests.prometheus_support import StartPrometheus, prometheus_server_fixture  # noqa: F401 - the fixture
 from tests.test_deploy import expected_quantile
@@ -200,17 +200,7 @@ def test_redis_outage_loses_nothing_flags_events_and_recovers(
     worker_settings: Settings, benchmark_posts: list[Post], tmp_path: Path
 ) -> None:
     port = free_port()
-    redis_cmd = [
-        str(redis_server_binary()),
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
+    redis_cmd = redis_server_argv(port, tmp_path)
     redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     extra = {"redis_url": url, "redis_timeout_s": 0.2, "queue_stats_ttl_s": 0.2}
