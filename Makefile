@@ -32,7 +32,7 @@ services-status: install
 demo: install
 	$(CLI) demo
 
-test: install
+test: lint
 	bash scripts/install-prometheus.sh
 	$(CLI) data fetch
 	$(CLI) services start
@@ -40,6 +40,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check stream models export tests
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 
 clean: services-stop

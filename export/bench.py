@@ -5,7 +5,7 @@
 Prints posts/s for the text encoder (ORT fp32, ORT int8, PyTorch), the image encoder (ORT, PyTorch)
 and the head (ORT, PyTorch) at each batch size, then the text encoder batch size this suggests for
 serving (``settings.encode_sub_batch``) and why. Texts are 512 real tweets, length-sorted in windows
-of 128 and then cut into batches, as ``stream/scoring.py`` sorts a micro-batch before its encoder
+of 128 and then cut into batches, as ``stream/service/scoring.py`` sorts a micro-batch before its encoder
 sub-batches; images are real emoji PNGs preprocessed at 224 (decoding is not timed); the head gets
 features of the right shapes (its cost does not depend on their values). Every cell is measured in
 ``--repeats`` rounds over all cells (one warm-up call in the first), each of at least ``--seconds``,
@@ -30,11 +30,12 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from export.manifest import HEAD_INPUTS, IMAGE_INPUT, Manifest
 from export.parity import HeadSamples, random_presence, real_images, real_texts
-from export.runtime import create_session
-from stream.preprocess import images_to_batch
-from stream.settings import get_settings
+from models.dims import IMAGE_DIM, TEXT_DIM
+from stream.service.manifest import HEAD_INPUTS, IMAGE_INPUT, Manifest
+from stream.service.preprocess import images_to_batch
+from stream.service.runtime import create_session
+from stream.service.settings import get_settings
 
 __all__ = ["bench", "choose_batch", "main"]
 
@@ -106,9 +107,10 @@ def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, 
     head_session = create_session(manifest.head_path(recovery), settings)
     rng = np.random.default_rng(seed)
     n = max(batches)
-    head_inputs = HeadSamples(rng.standard_normal((n, 384), dtype=np.float32) * 0.05,
-                              np.abs(rng.standard_normal((n, 1280), dtype=np.float32)),
-                              rng.standard_normal((n, 384), dtype=np.float32) * 0.05, random_presence(n, rng), "bench")
+    head_inputs = HeadSamples(rng.standard_normal((n, TEXT_DIM), dtype=np.float32) * 0.05,
+                              np.abs(rng.standard_normal((n, IMAGE_DIM), dtype=np.float32)),
+                              rng.standard_normal((n, TEXT_DIM), dtype=np.float32) * 0.05, random_presence(n, rng),
+                              "bench")
     queue_mean, queue_var = manifest.queue_moments()
 
     cells: dict[tuple[str, str, int], Calls] = {}
@@ -148,7 +150,7 @@ def bench(manifest: Manifest, data_dir: Path, batches: Sequence[int] = BATCHES, 
 def choose_batch(result: dict[str, Any], text_variant: str = "int8") -> tuple[int, str]:
     """The text encoder's batch size for serving (``encode_sub_batch``), with the reason.
 
-    The text encoder is the cost every post pays (research/onnx_encoders.md §7); images gain nothing from
+    The text encoder is the cost every post pays (every post has a text); images gain nothing from
     batching and the head is < 1 % of the time. Within a formed micro-batch the sub-batch size does not
     change latency, only throughput and the number of ORT calls: so the largest batch whose throughput
     is within 10 % of the best wins (as fast, fewest calls).

@@ -3,15 +3,16 @@
 Writes into ``--out``:
 
 * ``text_encoder_fp32.onnx`` (dynamic batch and sequence) and ``text_encoder_int8.onnx`` (dynamic int8
-  quantisation: QInt8 weights, per channel; research/onnx_encoders.md §4);
+  quantisation: QInt8 weights, per channel; see :func:`quantize_text_encoder`);
 * ``image_encoder.onnx`` (dynamic batch, 3×224×224);
 * ``head_fsrf.onnx`` and ``head_drf.onnx``: the trained serving head with each recovery path (dynamic
   batch; inputs: features, presence mask, queue moments);
 * ``tokenizer.json``, ``queue.npz`` (the training-time DRF queue that seeds Redis);
 * ``parity.json``: ORT vs PyTorch on real samples (:mod:`export.parity`), and the int8 accuracy cost
   when the feature cache is built;
-* ``manifest.json`` last (:mod:`export.manifest`), and only when every parity gate passed, so a
-  directory with a manifest is always a checked export.
+* ``manifest.json`` last (:mod:`stream.service.manifest`), and only when every parity gate passed, so a
+  directory with a manifest is always a checked export. It carries the trained queue's confidence
+  cut-off (``config.json``'s ``enqueue_min_confidence``), which serving then enqueues by.
 
 Exporter: torch.onnx dynamo (opset 20), eager attention for MiniLM, named dynamic dims, one file per
 graph (no external ``.data``). Every graph passes ``onnx.checker`` (full check).
@@ -38,27 +39,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from export.manifest import (
-    HEAD_INPUTS,
-    HEAD_OUTPUTS,
-    IMAGE_INPUT,
-    IMAGE_OUTPUT,
-    MANIFEST_FILE,
-    MODALITIES,
-    RECOVERY_PATHS,
-    TEXT_INPUTS,
-    TEXT_OUTPUT,
-    ImagePreprocessing,
-    Manifest,
-    OnnxFile,
-    QueueSnapshot,
-    TextPreprocessing,
-    file_key,
-    model_version,
-    sha256_file,
-)
 from export.parity import (
     BATCH_SIZES,
+    EMBEDDING_ATOL,
+    INT8_MIN_MEAN_COSINE,
+    MIN_COSINE,
+    PROB_ATOL,
     head_parity,
     head_samples_from_cache,
     head_samples_from_encoders,
@@ -71,9 +57,30 @@ from export.parity import (
     torch_text_embeddings,
     write_report,
 )
-from export.runtime import create_session
+from models.dims import FEATURE_DIMS
 from models.head import ServingHead, load_serving_head
-from stream.preprocess import (
+from models.train import ENQUEUE_MIN_CONFIDENCE
+from stream.service.manifest import (
+    HEAD_INPUTS,
+    HEAD_OUTPUTS,
+    IMAGE_INPUT,
+    IMAGE_OUTPUT,
+    MANIFEST_FILE,
+    MODALITIES,
+    QUEUE_VAR_FLOOR,
+    RECOVERY_PATHS,
+    TEXT_INPUTS,
+    TEXT_OUTPUT,
+    ImagePreprocessing,
+    Manifest,
+    OnnxFile,
+    QueueSnapshot,
+    TextPreprocessing,
+    file_key,
+    model_version,
+    sha256_file,
+)
+from stream.service.preprocess import (
     IMAGE_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -82,7 +89,8 @@ from stream.preprocess import (
     images_to_batch,
     minilm_tokenizer_path,
 )
-from stream.settings import Settings, get_settings
+from stream.service.runtime import create_session
+from stream.service.settings import Settings, get_settings
 
 __all__ = [
     "ExportOptions",
@@ -168,7 +176,7 @@ def export_head(head: ServingHead, path: Path) -> None:
     d = head.d
     rng = torch.Generator().manual_seed(0)
     example = (
-        torch.randn(2, 384, generator=rng), torch.randn(2, 1280, generator=rng), torch.randn(2, 384, generator=rng),
+        *(torch.randn(2, FEATURE_DIMS[m], generator=rng) for m in MODALITIES),
         torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
         torch.zeros(len(MODALITIES), d), torch.ones(len(MODALITIES), d),
     )
@@ -309,6 +317,8 @@ def export_model(
         created_utc=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         exporter={"tool": "torch.onnx.export(dynamo=True)", "source_model_dir": str(model_dir),
                   "head_pt_sha256": sha256_file(model_dir / "head.pt"), "versions": _versions()},
+        # model dirs trained before the cut-off was recorded in config.json were filled with the same constant
+        enqueue_min_confidence=float(meta.get("enqueue_min_confidence", ENQUEUE_MIN_CONFIDENCE)),
     )
     manifest = dataclasses.replace(manifest, model_version=model_version(manifest))
 
@@ -339,8 +349,9 @@ def _parity(
     text_fp32 = create_session(manifest.text_encoder_path("fp32"), settings)
     image_session = create_session(manifest.image_encoder_path(), settings)
     report: dict[str, Any] = {
-        "tolerances": {"head_max_abs_dprob": 1e-4, "head_argmax_agreement": 1.0, "encoder_max_abs_diff": 1e-4,
-                       "encoder_min_cosine": 0.9999, "int8_min_mean_cosine_vs_fp32_torch": 0.98},
+        "tolerances": {"head_max_abs_dprob": PROB_ATOL, "head_argmax_agreement": 1.0,
+                       "encoder_max_abs_diff": EMBEDDING_ATOL, "encoder_min_cosine": MIN_COSINE,
+                       "int8_min_mean_cosine_vs_fp32_torch": INT8_MIN_MEAN_COSINE},
         "batch_sizes": list(BATCH_SIZES),
         "device": "cpu",
         "intra_op_threads": settings.intra_op_threads,
@@ -377,7 +388,7 @@ def _parity(
                                              options.head_samples, options.seed)
     queue_mean, queue_var = manifest.queue_moments()
     report["head"] = {"samples": samples.source, "presence": "uniform over the 7 non-empty modality subsets",
-                      "queue_moments": "queue.npz (biased variance, floor 1e-4)"}
+                      "queue_moments": f"queue.npz (biased variance, floor {QUEUE_VAR_FLOOR:g})"}
     for recovery, head in heads.items():
         session = create_session(manifest.head_path(recovery), settings)
         report["head"][recovery] = head_parity(head, session, samples, queue_mean, queue_var)

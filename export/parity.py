@@ -10,7 +10,8 @@
   texts and transcripts are re-encoded by the fp32 vs the int8 ONNX encoder, and the encoding speed of
   each, measured in one run.
 
-Sessions come from :func:`export.runtime.create_session`. Tolerances: research/streaming_anchors.md §3.
+Sessions come from :func:`stream.service.runtime.create_session`. Tolerances: the constants below; fp32 ORT on
+CPU reorders float sums, so exact equality is not expected. Metrics: :mod:`stream.tools.classification`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from export.manifest import HEAD_INPUTS, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_OUTPUT, Manifest
-from export.runtime import ModelSession, create_session
-from stream.preprocess import TextTokenizer, images_to_batch
-from stream.settings import Settings
+from models.dims import TEXT_DIM
+from stream.service.manifest import HEAD_INPUTS, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_OUTPUT, Manifest
+from stream.service.preprocess import TextTokenizer, images_to_batch
+from stream.service.runtime import ModelSession, create_session
+from stream.service.settings import Settings
+from stream.tools.classification import classification_metrics, macro_f1
 
 __all__ = [
     "BATCH_SIZES",
@@ -59,7 +62,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES: Final = (1, 7, 64)
 PROB_ATOL: Final = 1e-4  # fp32 CPU: max |Δprob| over every sample and batch size
-EMBEDDING_ATOL: Final = 1e-4  # fp32 encoders (measured ≤ 3.3e-7 text, ≤ 7e-6 image: research/onnx_encoders.md)
+EMBEDDING_ATOL: Final = 1e-4  # fp32 encoders (measured ≤ 3.3e-7 text, ≤ 7e-6 image)
 MIN_COSINE: Final = 0.9999
 # int8 per-channel measured cos mean 0.991 vs fp32; per-tensor scales give 0.957. The gate catches the latter.
 INT8_MIN_MEAN_COSINE: Final = 0.98
@@ -198,7 +201,7 @@ def head_samples_from_encoders(
 def _encode_texts(session: ModelSession, tokenizer: TextTokenizer, texts: Sequence[str], batch: int) -> np.ndarray:
     """Embeddings ``[n, 384]`` in input order; batches are length-sorted so padding stays short."""
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), 384), dtype=np.float32)
+    out = np.zeros((len(texts), TEXT_DIM), dtype=np.float32)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
         ids, mask = tokenizer.encode([texts[i] for i in rows])
@@ -343,9 +346,8 @@ def int8_accuracy_cost(
     """
     if "int8" not in manifest.text_encoder_variants or not (Path(data_dir) / "READY_CLEAN").is_file():
         return None
-    from models.common import classification_metrics
-    from models.data import read_posts, read_transcripts
     from models.features import load_features
+    from stream.tools.dataset import read_posts, read_transcripts
 
     features = load_features(data_dir, "test")
     rng = np.random.default_rng(seed)
@@ -365,7 +367,7 @@ def int8_accuracy_cost(
     tokenizers = {"text": manifest.text_tokenizer("text"), "transcript": manifest.text_tokenizer("transcript")}
     sources = {"text": texts, "transcript": spoken}
     for variant in ("fp32", "int8"):
-        encoded[variant] = {m: np.zeros((len(rows), 384), dtype=np.float32) for m in sources}
+        encoded[variant] = {m: np.zeros((len(rows), TEXT_DIM), dtype=np.float32) for m in sources}
         timing[variant] = 0.0
     chunk = 8 * batch
     for start in range(0, len(rows), chunk):
@@ -396,9 +398,9 @@ def int8_accuracy_cost(
             predictions[arm] = preds
             results.setdefault(presence_name, {})[arm] = classification_metrics(labels, preds)
         block = results[presence_name]
-        block["delta_macro_f1_int8_minus_fp32"] = block["int8"]["f1_macro"] - block["fp32"]["f1_macro"]
+        block["delta_macro_f1_int8_minus_fp32"] = block["int8"]["macro_f1"] - block["fp32"]["macro_f1"]
         block["delta_macro_f1_ci95"] = _paired_bootstrap_ci(labels, predictions["fp32"], predictions["int8"], seed)
-        block["delta_macro_f1_fp32_minus_cache"] = block["fp32"]["f1_macro"] - block["cache"]["f1_macro"]
+        block["delta_macro_f1_fp32_minus_cache"] = block["fp32"]["macro_f1"] - block["cache"]["macro_f1"]
     _, cos_text = _embedding_stats(encoded["int8"]["text"], encoded["fp32"]["text"])
     _, cos_transcript = _embedding_stats(encoded["int8"]["transcript"], encoded["fp32"]["transcript"])
     n_texts = len(texts) + len(spoken)
@@ -416,24 +418,17 @@ def int8_accuracy_cost(
     }
 
 
-def _macro_f1(labels: np.ndarray, preds: np.ndarray, n_classes: int = 3) -> np.ndarray:
-    """Macro-F1 per row of ``labels``/``preds`` ``[R, n]`` (vectorised for the bootstrap)."""
-    scores = []
-    for c in range(n_classes):
-        tp = ((preds == c) & (labels == c)).sum(1)
-        denom = (preds == c).sum(1) + (labels == c).sum(1)
-        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
-    result: np.ndarray = np.mean(scores, axis=0)
-    return result
-
-
 def _paired_bootstrap_ci(
     labels: np.ndarray, fp32: np.ndarray, int8: np.ndarray, seed: int, reps: int = 2000
 ) -> list[float]:
-    """95 % percentile interval of Δ macro-F1 (int8 − fp32), resampling posts with both arms paired."""
+    """95 % percentile interval of Δ macro-F1 (int8 − fp32), resampling posts with both arms paired.
+
+    All resamples are scored at once: :func:`~stream.tools.classification.macro_f1` takes the ``[reps, n]``
+    label arrays and scores each row (scikit-learn, one call per resample, takes about 13 s here).
+    """
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(labels), size=(reps, len(labels)))
-    delta = _macro_f1(labels[rows], int8[rows]) - _macro_f1(labels[rows], fp32[rows])
+    delta = macro_f1(labels[rows], int8[rows]) - macro_f1(labels[rows], fp32[rows])
     return [float(np.quantile(delta, 0.025)), float(np.quantile(delta, 0.975))]
 
 

@@ -26,6 +26,7 @@ from models.common import (
     ModalityProjector,
     TrainBatch,
     View,
+    modality_projectors,
     project_all,
 )
 
@@ -38,6 +39,13 @@ class BaselineConfig:
     hidden: int = 128
     dropout: float = 0.1
     modality_dropout: float = 0.3  # early fusion only
+
+
+def cross_entropy_loss(model: nn.Module, view: View, present: Tensor, label: Tensor) -> LossOutput:
+    """A baseline's whole loss: cross-entropy of its logits on the disrupted view's features with ``present``."""
+    logits = model(*view.features, present)
+    ce = F.cross_entropy(logits, label)
+    return LossOutput(ce, {"ce": ce}, logits)
 
 
 class TextOnly(nn.Module):
@@ -53,9 +61,7 @@ class TextOnly(nn.Module):
         return self.classifier(self.projector(text * present[:, :1]))
 
     def compute_loss(self, batch: TrainBatch) -> LossOutput:
-        logits = self(*batch.view.features, batch.view.present)
-        ce = F.cross_entropy(logits, batch.label)
-        return LossOutput(ce, {"ce": ce}, logits)
+        return cross_entropy_loss(self, batch.view, batch.view.present, batch.label)
 
 
 class LateFusionZeroFill(nn.Module):
@@ -64,7 +70,7 @@ class LateFusionZeroFill(nn.Module):
     def __init__(self, cfg: BaselineConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or BaselineConfig()
-        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.classifiers = nn.ModuleDict({m: Classifier(cfg.d, cfg.hidden, cfg.dropout) for m in MODALITIES})
 
     def forward(self, text: Tensor, image: Tensor, transcript: Tensor, present: Tensor) -> Tensor:
@@ -76,9 +82,7 @@ class LateFusionZeroFill(nn.Module):
         return torch.stack(logits, dim=1).mean(1)
 
     def compute_loss(self, batch: TrainBatch) -> LossOutput:
-        logits = self(*batch.view.features, batch.view.present)
-        ce = F.cross_entropy(logits, batch.label)
-        return LossOutput(ce, {"ce": ce}, logits)
+        return cross_entropy_loss(self, batch.view, batch.view.present, batch.label)
 
 
 class EarlyFusionDropout(nn.Module):
@@ -87,7 +91,7 @@ class EarlyFusionDropout(nn.Module):
     def __init__(self, cfg: BaselineConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or BaselineConfig()
-        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.classifier = Classifier(N_MODALITIES * cfg.d, cfg.hidden, cfg.dropout)
 
     def forward(self, text: Tensor, image: Tensor, transcript: Tensor, present: Tensor) -> Tensor:
@@ -102,7 +106,4 @@ class EarlyFusionDropout(nn.Module):
         return torch.where(empty, one, keep)
 
     def compute_loss(self, batch: TrainBatch) -> LossOutput:
-        view = batch.view
-        logits = self(*view.features, self.drop_modalities(view.present))
-        ce = F.cross_entropy(logits, batch.label)
-        return LossOutput(ce, {"ce": ce}, logits)
+        return cross_entropy_loss(self, batch.view, self.drop_modalities(batch.view.present), batch.label)

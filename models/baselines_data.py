@@ -15,13 +15,13 @@ from typing import Any, Final
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score
 
-from models.data import read_posts
 from models.features import FeatureSet, load_features
-from stream.events import LABELS, MODALITIES
+from stream.service.events import LABELS, MODALITIES
+from stream.tools.classification import classification_metrics
+from stream.tools.dataset import read_posts
 
-__all__ = ["SETTINGS", "classification_metrics", "run_baselines", "vader_predict"]
+__all__ = ["SETTINGS", "run_baselines", "vader_predict"]
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,6 @@ SETTINGS: Final = (
 )
 # Hutto & Gilbert's recommended cut-offs on the compound score.
 VADER_THRESHOLD: Final = 0.05
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy, macro-F1 and weighted-F1 over the three labels."""
-    labels = list(range(len(LABELS)))
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-    }
 
 
 def vader_predict(texts: list[str]) -> np.ndarray:

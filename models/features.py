@@ -30,16 +30,11 @@ from typing import Any, Final
 import numpy as np
 from PIL import Image
 
-from models.data import SPLITS, read_images, read_posts, read_transcripts
-from models.disruptions import (
-    INTRA_RATES,
-    corrupt_image,
-    corrupt_text,
-    post_rng,
-    rate_variant,
-    sample_rate,
-)
-from stream.events import LABELS, MODALITIES
+from models.dims import IMAGE_DIM, TEXT_DIM
+from models.disruptions import INTRA_RATES, rate_variant
+from stream.service.vocabulary import LABELS, MODALITIES
+from stream.tools.dataset import SPLITS, read_images, read_posts, read_transcripts
+from stream.tools.faults import corrupt_image, corrupt_text, post_rng, sample_rate
 
 __all__ = [
     "CORRUPT_SPLITS",
@@ -56,15 +51,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FEATURE_VERSION: Final = "1"
-TEXT_DIM: Final = 384
-IMAGE_DIM: Final = 1280
 # Test splits that get the corrupt_* variants, in build order (the random test split first, the
 # large held-out topic last), and those that also get the rate_* variants, on a seeded subset of
 # RATE_SUBSET posts: 27 variants x 1,000 posts is what encodes in about 20 min on 2 shared cores.
 CORRUPT_SPLITS: Final = ("test", "control_test", "topic_test")
 RATE_SPLITS: Final = ("test",)
 RATE_SUBSET: Final = 1000
-_DIMS: Final = {"text": TEXT_DIM, "image": IMAGE_DIM, "transcript": TEXT_DIM}
 
 
 def variant_names(split: str) -> list[str]:
@@ -81,7 +73,7 @@ def variant_names(split: str) -> list[str]:
 class FeatureSet:
     """Encoded posts of one split and variant. Arrays are row-aligned with ``ids``.
 
-    ``label`` is int64 in :data:`stream.events.LABELS` order (negative 0, neutral 1, positive 2).
+    ``label`` is int64 in :data:`stream.service.events.LABELS` order (negative 0, neutral 1, positive 2).
     ``has_image`` / ``has_transcript`` are True for every benchmark post: discard is applied later as
     a presence mask. ``meta`` holds the split, variant, seed, pairing probabilities and per-post
     extras (``topic``, ``image_congruent``, ``transcript_congruent``, ``corruption_rate``).
@@ -240,7 +232,7 @@ class _Encoders:
         import torch
 
         from models.encoders import ImageEncoder, TextEncoder, encoder_weights_hash
-        from stream.preprocess import TextTokenizer, minilm_tokenizer_path
+        from stream.service.preprocess import TextTokenizer, minilm_tokenizer_path
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -282,7 +274,7 @@ class _Encoders:
         """``[N, 1280]`` float32 of ``image_at(i)`` for i < count (images made on demand to bound memory)."""
         from tqdm import tqdm
 
-        from stream.preprocess import images_to_batch
+        from stream.service.preprocess import images_to_batch
 
         out = np.zeros((count, IMAGE_DIM), dtype=np.float32)
         for start in tqdm(range(0, count, self.image_batch), desc=desc, unit="batch", mininterval=5):

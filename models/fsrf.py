@@ -1,7 +1,7 @@
 """FSRF: factorization-guided semantic recovery (Liu et al., ICME 2025, arXiv 2510.16086).
 
-The paper's full text was unreachable; this follows the INFERRED design of ``research/papers.md`` §1.5,
-on pooled feature vectors instead of sequences.
+The paper's full text was unreachable: the design below is inferred from its summary, not taken from it,
+and works on pooled feature vectors instead of sequences.
 
 **DHF — de-redundant homo-heterogeneous factorisation.** Each projected modality ``h_m`` is split into
 a homogeneous part ``c_m = E_c(h_m)`` (one encoder *shared* by all modalities), a heterogeneous part
@@ -35,19 +35,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.common import (
-    FEATURE_DIMS,
-    MODALITIES,
     N_MODALITIES,
     Classifier,
     GroupedMLP,
     LossOutput,
-    ModalityProjector,
     TrainBatch,
     View,
     batch_moments,
     diag_gaussian_kl,
     masked_mean,
     mlp,
+    modality_projectors,
     project_all,
     rbf_mmd,
     temperature_kl,
@@ -229,7 +227,7 @@ class FSRF(nn.Module):
     def __init__(self, cfg: FSRFConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or FSRFConfig()
-        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.dhf = DHF(cfg.d, cfg.hidden)
         self.classifier = Classifier(N_MODALITIES * 2 * cfg.d, cfg.hidden, cfg.dropout)
 

@@ -31,18 +31,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.common import (
-    FEATURE_DIMS,
-    MODALITIES,
     N_MODALITIES,
     Classifier,
     LossOutput,
-    ModalityProjector,
     TrainBatch,
     View,
     config_from_dict,
+    modality_projectors,
     project_all,
 )
-from models.drf import DRFConfig, FeatureQueue, InterModalMapping, QualityEstimator, drf_losses, enqueue_clean
+from models.drf import (
+    DRFConfig,
+    FeatureQueue,
+    InterModalMapping,
+    QualityEstimator,
+    drf_losses,
+    enqueue_clean,
+    quality_fusion,
+)
 from models.fsrf import DHF, FSRFConfig, das_losses, dhf_losses
 
 __all__ = ["RECOVERY_PATHS", "ServingHead", "ServingHeadConfig", "load_serving_head"]
@@ -83,7 +89,7 @@ class ServingHead(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or ServingHeadConfig()
         self.recovery = cfg.recovery
-        self.projectors = nn.ModuleDict({m: ModalityProjector(FEATURE_DIMS[m], cfg.d, cfg.dropout) for m in MODALITIES})
+        self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.queue = FeatureQueue(N_MODALITIES, cfg.queue_len, cfg.d)
         self.quality = QualityEstimator(cfg.drf)
         self.mapping = InterModalMapping(cfg.d, cfg.hidden)
@@ -108,17 +114,11 @@ class ServingHead(nn.Module):
         return self.mapping(h, present)
 
     def run(self, view: View, queue_mean: Tensor, queue_var: Tensor) -> HeadOutput:
-        present = view.present
-        h = project_all(self.projectors, view)
-        if self.cfg.use_recovery:
-            keep = present.unsqueeze(-1)
-            h = keep * h + (1.0 - keep) * self.recover(h, present)
-            available = torch.ones_like(present)
-        else:
-            available = present
-        quality, weights = self.quality(h, available, queue_mean, queue_var)
-        fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
-        return HeadOutput(self.classifier(fused), quality * present, h, fused)
+        recover = self.recover if self.cfg.use_recovery else None
+        fused, quality, h = quality_fusion(
+            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var
+        )
+        return HeadOutput(self.classifier(fused), quality, h, fused)
 
     def forward(
         self,

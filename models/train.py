@@ -45,7 +45,6 @@ from models.common import (
     N_MODALITIES,
     TrainBatch,
     View,
-    classification_metrics,
     config_from_dict,
     project_all,
     seed_everything,
@@ -54,6 +53,8 @@ from models.common import (
 from models.drf import DRF, DRFConfig
 from models.fsrf import FSRF, FSRFConfig
 from models.head import ServingHead, ServingHeadConfig
+from stream.service.settings import get_settings
+from stream.tools.classification import classification_metrics
 
 __all__ = [
     "MODELS",
@@ -91,8 +92,9 @@ SPLITS: Final = {
 # --ablate NAME -> config field switched off, per model family
 DRF_PARTS: Final = ("quality", "modality_prior", "recovery", "sample_loss", "dist_loss")
 FSRF_PARTS: Final = ("recovery", "recon", "orth", "align", "dered", "recovery_loss", "das_kl", "das_dist")
-DEFAULT_DATA_DIR: Final = Path("/work/cache/data")
-CONFIDENT: Final = 0.8  # queue.npz keeps clean, complete posts predicted with at least this probability
+# queue.npz keeps clean, complete posts predicted with at least this probability. config.json records it,
+# the export copies it into the manifest, and serving enqueues by the same cut-off unless told otherwise.
+ENQUEUE_MIN_CONFIDENCE: Final = 0.8
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -342,12 +344,12 @@ def train_model(
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             n_batches += 1
         clean_m, disrupted_m = evaluate_views(model, val_views, val.label)
-        score = 0.5 * (clean_m["f1_macro"] + disrupted_m["f1_macro"])
+        score = 0.5 * (clean_m["macro_f1"] + disrupted_m["macro_f1"])
         record = {
             "epoch": epoch,
             **{f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()},
-            "val_clean_f1_macro": clean_m["f1_macro"],
-            "val_disrupted_f1_macro": disrupted_m["f1_macro"],
+            "val_clean_macro_f1": clean_m["macro_f1"],
+            "val_disrupted_macro_f1": disrupted_m["macro_f1"],
             "val_score": score,
         }
         history.append(record)
@@ -377,7 +379,7 @@ def train_model(
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "val_clean": clean_m,
         "val_disrupted": disrupted_m,
-        "val_score": 0.5 * (clean_m["f1_macro"] + disrupted_m["f1_macro"]),
+        "val_score": 0.5 * (clean_m["macro_f1"] + disrupted_m["macro_f1"]),
         "history": history,
     }
     return TrainResult(model, metrics, queue)
@@ -397,7 +399,7 @@ def build_queue(model: nn.Module, train: FeatureTable) -> dict[str, np.ndarray]:
         return {m: np.zeros((0, d), dtype=np.float32) for m in MODALITIES}
     complete = np.flatnonzero(train.available.min(1) > 0)
     view = table_view(train.rows(complete))
-    confident = predict_proba(model, view).max(-1) >= CONFIDENT
+    confident = predict_proba(model, view).max(-1) >= ENQUEUE_MIN_CONFIDENCE
     if confident.sum() < 2:
         confident[:] = True
     model.eval()
@@ -434,7 +436,7 @@ class _Progress:
     def update(self, epoch: int, record: dict[str, float]) -> None:
         info = (
             f"loss {sum(v for k, v in record.items() if k.startswith('loss_')):.3f} "
-            f"val clean {record['val_clean_f1_macro']:.3f} disrupted {record['val_disrupted_f1_macro']:.3f}"
+            f"val clean {record['val_clean_macro_f1']:.3f} disrupted {record['val_disrupted_macro_f1']:.3f}"
         )
         if self.progress is not None:
             self.progress.update(self.task, completed=epoch, info=info)
@@ -463,6 +465,7 @@ def save_model_dir(out: Path, result: TrainResult, config: Any, extra: dict[str,
         "labels": list(LABELS),
         "feature_dims": dict(FEATURE_DIMS),
         "d": int(getattr(config, "d", 0)),
+        "enqueue_min_confidence": ENQUEUE_MIN_CONFIDENCE,
         **extra,
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
@@ -488,7 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=30, help="maximum epochs (early stopping)")
     parser.add_argument("--out", type=Path, required=True, help="trained model dir to write")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data-dir", type=Path, default=None, help="feature cache (default: SENTIMENT_DATA_DIR)")
     parser.add_argument("--split", choices=sorted(SPLITS), default="random")
     parser.add_argument("--recovery", choices=("fsrf", "drf"), default=None, help="serving head only")
     parser.add_argument(
@@ -539,12 +542,13 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = make_config(args.model, args.ablate, args.overrides, args.recovery)
     train_split, val_split, _ = SPLITS[args.split]
+    data_dir = args.data_dir or get_settings().data_dir
     if args.synthetic:
         train = synthetic_table(args.synthetic, seed=1)
         val = synthetic_table(max(args.synthetic // 5, 64), seed=2)
     else:
-        train = load_table(args.data_dir, train_split)
-        val = load_table(args.data_dir, val_split)
+        train = load_table(data_dir, train_split)
+        val = load_table(data_dir, val_split)
     disruption = TrainDisruption(ratio=args.disrupt_ratio)
     result = train_model(
         args.model,
@@ -563,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "split": args.split,
         "splits": {"train": train_split, "val": val_split},
-        "data_dir": str(args.data_dir) if not args.synthetic else f"synthetic:{args.synthetic}",
+        "data_dir": f"synthetic:{args.synthetic}" if args.synthetic else str(data_dir),
         "ablate": list(args.ablate),
         "overrides": list(args.overrides),
         "train": {
@@ -585,8 +589,8 @@ def run(args: argparse.Namespace) -> int:
         m["best_epoch"],
         m["epochs_run"],
         m["train_seconds"],
-        m["val_clean"]["f1_macro"],
-        m["val_disrupted"]["f1_macro"],
+        m["val_clean"]["macro_f1"],
+        m["val_disrupted"]["macro_f1"],
         args.out,
     )
     return 0

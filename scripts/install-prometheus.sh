@@ -2,7 +2,7 @@
 # Install the Prometheus server and promtool (Debian package `prometheus`) for the deploy tests.
 #
 # Idempotent: does nothing when both binaries are already on PATH. Needs root (CI runs as root) or
-# passwordless sudo; otherwise it says so and exits 0, and tests/test_deploy.py skips with that reason.
+# passwordless sudo; otherwise it says so and exits 0, and tests/integration/test_deploy.py skips with that reason.
 # The package's own service is never started here (no systemd in CI; the tests start their own server).
 set -euo pipefail
 

@@ -17,17 +17,17 @@ __all__ = ["COMMANDS", "main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("stream.demo", "start the stack, serve a model, replay the test stream with faults, print the report"),
-    "services": ("stream.services", "start, stop or inspect the local broker and Redis"),
-    "roundtrip": ("stream.roundtrip", "produce posts to the broker and read them back (smoke test)"),
+    "demo": ("stream.tools.demo", "start the stack, serve a model, replay the test stream, print the report"),
+    "services": ("stream.tools.services", "start, stop or inspect the local broker and Redis"),
+    "roundtrip": ("stream.tools.roundtrip", "produce posts to the broker and read them back (smoke test)"),
     "data": ("models.data", "build the benchmark data set and its feature cache"),
     "train": ("models.train", "train a head (DRF, FSRF, serving head or a baseline) on cached features"),
     "evaluate": ("models.evaluate", "run the robustness protocol and write results"),
     "export": ("export.onnx_export", "export encoders and head to ONNX with a manifest and parity report"),
-    "worker": ("stream.worker", "run the Faust streaming worker"),
-    "record": ("stream.recording", "record a topic into a replayable file"),
-    "replay": ("stream.replay", "replay a recording with injected faults and write a robustness report"),
-    "bench": ("stream.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
+    "worker": ("stream.service.app", "run the Faust streaming worker"),
+    "record": ("stream.tools.recording", "record a topic into a replayable file"),
+    "replay": ("stream.tools.replay", "replay a recording with injected faults and write a robustness report"),
+    "bench": ("stream.tools.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
 }
 
 

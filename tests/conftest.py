@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from stream.events import Post
-from stream.services import LocalStack, create_topics
-from stream.settings import Settings, get_settings
+from stream.service.events import Post
+from stream.service.settings import Settings, get_settings
+from stream.tools.services import LocalStack
+from stream.tools.services import fresh_topics as new_topics
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ talks to the real broker and Redis: mark it so."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -45,22 +53,20 @@ def redis_url(stack: LocalStack, settings: Settings) -> str:
 @pytest.fixture
 def fresh_topics(stack: LocalStack, settings: Settings) -> Settings:
     """Settings whose three topics are new and empty (unique names), created with explicit partitions."""
-    suffix = uuid.uuid4().hex[:8]
-    isolated = settings.model_copy(
-        update={
-            "topic_posts": f"posts-{suffix}",
-            "topic_sentiment": f"sentiment-{suffix}",
-            "topic_dlq": f"posts-dlq-{suffix}",
-            "consumer_group": f"sentiment-{suffix}",
-        }
-    )
-    asyncio.run(create_topics(isolated))
-    return isolated
+    return asyncio.run(new_topics(settings))
 
 
 # -- a real model, built the way a user builds one: data sample -> train -> export -----------------
 
-_DATA_CODE = ("models/data.py", "models/features.py", "models/encoders.py", "stream/preprocess.py")
+_DATA_CODE = (
+    "models/data.py",
+    "models/features.py",
+    "models/encoders.py",
+    "models/dims.py",
+    "stream/service/preprocess.py",
+    "stream/tools/dataset.py",
+    "stream/tools/faults.py",
+)
 _MODEL_CODE = (
     *_DATA_CODE,
     "models/common.py",
@@ -69,7 +75,7 @@ _MODEL_CODE = (
     "models/head.py",
     "models/train.py",
     "export/onnx_export.py",
-    "export/manifest.py",
+    "stream/service/manifest.py",
 )
 _ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TWEETS = 2500
@@ -155,7 +161,7 @@ _PATTERNS = (
 @pytest.fixture(scope="session")
 def benchmark_posts(sample_benchmark: Path) -> list[Post]:
     """Real benchmark posts (all splits) with every pattern of missing modalities, ids unique per session."""
-    from stream.recording import benchmark_posts as read
+    from stream.tools.dataset import benchmark_posts as read
 
     run = uuid.uuid4().hex[:6]
     posts = []

@@ -1,0 +1,134 @@
+"""The one settings object of the project (environment prefix ``SENTIMENT_``).
+
+Every module reads configuration from :func:`get_settings`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sentiment-stream"
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sentiment-stream"
+
+
+class Settings(BaseSettings):
+    """Typed configuration; every field can be set as ``SENTIMENT_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", frozen=True, extra="ignore")
+
+    # Broker
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_posts: str = "posts"
+    topic_sentiment: str = "sentiment"
+    topic_dlq: str = "posts-dlq"
+    partitions: int = Field(default=4, ge=1, le=1024)
+    consumer_group: str = "sentiment-stream"
+    session_timeout_s: float = Field(default=6.0, gt=0)
+    # Faust asks for 1.5 s fetch waits and Tansu holds a fetch that long even when records arrive.
+    fetch_max_wait_s: float = Field(default=0.025, gt=0)
+
+    # Redis (the DRF feature queue)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    queue_length: int = Field(default=1024, ge=8)
+    queue_stats_ttl_s: float = Field(default=1.0, ge=0)
+
+    # Micro-batching
+    max_batch: int = Field(default=32, ge=1)
+    max_wait_s: float = Field(default=0.02, gt=0)
+
+    # Payload limits of the event contract (README, docs/architecture.md)
+    max_id_chars: int = Field(default=256, ge=1)
+    max_text_chars: int = Field(default=4000, ge=1)
+    max_transcript_chars: int = Field(default=20000, ge=1)
+    max_image_bytes: int = Field(default=5_000_000, ge=1)
+    max_image_pixels: int = Field(default=25_000_000, ge=1)
+    # A dead letter keeps the original bytes up to this size, so it fits the broker's 1 MB default limit.
+    max_dead_letter_bytes: int = Field(default=900_000, ge=1024)
+
+    # Models and inference
+    model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "model")
+    data_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "data")
+    recovery: Literal["fsrf", "drf"] = "fsrf"
+    providers: Literal["cpu", "cuda"] = "cpu"
+    intra_op_threads: int = Field(default=1, ge=0)
+    text_encoder: Literal["fp32", "int8"] = "fp32"
+    encode_sub_batch: int = Field(default=16, ge=1)  # text is length-bucketed into sub-batches this big
+    image_sub_batch: int = Field(default=8, ge=1)  # the CNN gains nothing from bigger batches (docs/performance.md)
+    enqueue_min_confidence: float = Field(default=0.8, ge=0, le=1)
+    enqueue_min_quality: float = Field(default=0.2, ge=0, le=1)
+
+    # Service
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    latency_slo_s: float = Field(default=0.25, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)  # SIGTERM: finish the batch, then exit by this
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _one_or_more_host_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"bootstrap server {server!r} is not host:port")
+        return value
+
+    def to_env(self, base: Mapping[str, str] | None = None, **overrides: object) -> dict[str, str]:
+        """The environment that makes a child process read these settings (plus ``overrides``).
+
+        ``base`` defaults to this process's environment; every field is written as ``SENTIMENT_<FIELD>``.
+        """
+        env = dict(os.environ if base is None else base)
+        values = {**self.model_dump(), **overrides}
+        for name, value in values.items():
+            env[f"SENTIMENT_{name.upper()}"] = str(value)
+        return env
+
+    @property
+    def broker_host_port(self) -> tuple[str, int]:
+        """The first bootstrap server as (host, port)."""
+        host, _, port = self.bootstrap_servers.split(",")[0].strip().rpartition(":")
+        return host, int(port)
+
+    @property
+    def redis_host_port(self) -> tuple[str, int]:
+        parsed = urlparse(self.redis_url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 6379
+
+    @property
+    def topics(self) -> tuple[str, str, str]:
+        return self.topic_posts, self.topic_sentiment, self.topic_dlq
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the local stack keeps PID files and logs."""
+        return self.state_dir / "run"
+
+    @property
+    def faust_data_dir(self) -> Path:
+        return Path(tempfile.gettempdir()) / f"sentiment-stream-faust-{os.getuid()}"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

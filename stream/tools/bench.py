@@ -1,0 +1,793 @@
+"""``sentiment-stream bench``: the compute limit, the real pipeline and a naive peer, in one run on the same posts.
+
+What one run measures, for each post mix (``--mixes``), ``--repeats`` times:
+
+* **(a) compute limit** — :class:`~stream.service.scoring.PostScorer` alone, in a child process, on the raw msgpack
+  bytes (decode + validate, tokenise, ONNX encoders, head; no broker, no Redis) at each ``--batches``
+  size; the best one is the limit of one process. Then the same at that batch size in
+  ``--procs`` processes × 1 thread at once (the machine limit: one process per core).
+* **(d) head only** — the ONNX head on pre-encoded features (rows/s), at its best batch size.
+* **(b) pipeline** — real ``sentiment-stream worker`` processes (1 and ``--procs``) on fresh topics,
+  with the broker and Redis. The workers are started and warmed (every partition has served a post and
+  every worker has scored one), then ``--seconds`` worth of posts (sized from (a)) is produced as fast
+  as possible. Rate = posts / (last event's emit time − first publish time).
+* **latency** — with the ``--procs`` workers still up: open-loop Poisson arrivals at ``--loads``
+  fractions of the saturated rate for ``--latency-seconds`` each. Each post's ``ts`` is set when it
+  is handed to the producer, so an event's ``latency_s`` (emit − ts) is emit − publish; receive −
+  publish (at our consumer) is reported too.
+* **(c) naive peer** — :mod:`export.bench_naive`: a Faust agent scoring one post at a time with
+  PyTorch eager, same posts, same broker, same saturation protocol, for ``--naive-seconds`` (it never
+  drains the backlog; its rate counts the events so far). ``--naive-threads`` torch threads (default
+  1: with torch's default of one per core it collapsed on the shared machine, see docs/performance.md).
+* **(a) again** after the pipelines: the ratios use the mean of both, and each pipeline also reports
+  how busy its scoring executors were (Σ batch seconds / wall seconds / workers) — a measure of
+  pipeline overhead that does not depend on the machine's load.
+
+The machine is shared, so ratios are taken within one repeat (same load), and the spread over repeats
+and the load average (``os.getloadavg``) at each step are reported. Output: JSON (``--json``) and a
+Markdown table (stdout, and ``--markdown``). Settings (``SENTIMENT_*``) apply to the in-process scorer
+and the workers alike, e.g. ``SENTIMENT_TEXT_ENCODER=int8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+
+from stream.service.manifest import Manifest
+from stream.service.settings import Settings, get_settings
+from stream.tools.launcher import WORKER_MODULE, WorkerProcess
+from stream.tools.services import fresh_topics
+from stream.tools.topic_reader import TopicReader
+
+__all__ = ["MIXES", "Mix", "add_arguments", "build_posts", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """Which modalities the bench posts carry: every post has text; images and transcripts at these shares."""
+
+    name: str
+    image: float
+    transcript: float
+
+    def describe(self) -> str:
+        return f"all text, {self.image:.0%} images, {self.transcript:.0%} transcripts (independent)"
+
+
+# Realistic: every post has text; about 2 in 5 carry a picture and 1 in 5 a clip with speech.
+MIXES: Final = {"realistic": Mix("realistic", 0.4, 0.2), "text": Mix("text", 0.0, 0.0)}
+_WARMUP_PER_PARTITION: Final = 2
+
+
+def _load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan}
+    arr = np.asarray(values)
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": float(arr.max()),
+    }
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    return {"median": float(statistics.median(finite)), "min": float(min(finite)), "max": float(max(finite))}
+
+
+# -- posts ---------------------------------------------------------------------------------------
+
+
+def build_posts(data_dir: Path, split: str, n: int, mix: Mix, seed: int, run_id: str) -> list[dict[str, Any]]:
+    """``n`` post dicts (event contract fields) from a built benchmark, cycling its rows, modalities per ``mix``."""
+    from stream.tools.dataset import benchmark_posts
+
+    rows = list(benchmark_posts(data_dir, split))
+    if not rows:
+        raise ValueError(f"{data_dir} has no posts in split {split!r}")
+    rng = np.random.default_rng(seed)
+    image_rows = [r for r in rows if r.get("image")]
+    transcript_rows = [r for r in rows if r.get("transcript")]
+    posts = []
+    for i in range(n):
+        row = rows[i % len(rows)]
+        post: dict[str, Any] = {"id": f"{run_id}-{i}", "text": row["text"], "label": row.get("label")}
+        if image_rows and rng.random() < mix.image:
+            post["image"] = (row if row.get("image") else image_rows[i % len(image_rows)])["image"]
+        if transcript_rows and rng.random() < mix.transcript:
+            post["transcript"] = (row if row.get("transcript") else transcript_rows[i % len(transcript_rows)])[
+                "transcript"
+            ]
+        posts.append(post)
+    return posts
+
+
+def _encode(post: dict[str, Any], **extra: Any) -> bytes:
+    return msgpack.packb({**post, **extra}, use_bin_type=True)
+
+
+# -- (a) compute limit and (d) head only ---------------------------------------------------------
+
+
+def _scorer_rate(
+    manifest_dir: str, values: Sequence[bytes], batch: int, seconds: float, start_at: float | None = None
+) -> dict[str, float]:
+    """posts/s of ``PostScorer.score`` over ``values`` in batches of ``batch`` for ``seconds``; one warm-up batch.
+
+    ``start_at`` (epoch seconds) lets several processes measure the same window.
+    """
+    from stream.service.scoring import InputRecord, PostScorer
+
+    scorer = PostScorer(Manifest.load(manifest_dir, check_graphs=False), get_settings())
+    records = [InputRecord(value=v) for v in values]
+    batches = [records[i : i + batch] for i in range(0, len(records) - batch + 1, batch)] or [records]
+    scorer.score(batches[0])
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    done, start = 0, time.perf_counter()
+    times: list[float] = []
+    while True:
+        t0 = time.perf_counter()
+        out = scorer.score(batches[len(times) % len(batches)])
+        times.append(time.perf_counter() - t0)
+        done += len(out.events) + len(out.dead_letters)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return {"posts_s": done / elapsed, "batch_s_median": float(statistics.median(times)), "batches": len(times)}
+
+
+def _scorer_rate_child(args: tuple[str, list[bytes], int, float, float | None]) -> dict[str, float]:
+    logging.basicConfig(level=logging.WARNING)
+    if os.getsid(0) != os.getpid():
+        os.setsid()  # its own scheduler autogroup, like every process under test (see WorkerProcess.new_session)
+    return _scorer_rate(*args)
+
+
+def compute_limit(
+    manifest_dir: Path, values: Sequence[bytes], batches: Sequence[int], seconds: float, procs: int
+) -> dict[str, Any]:
+    """(a): posts/s of one process per batch size, the best one, and ``procs`` processes × 1 thread at that size.
+
+    Every measurement runs in a spawned child with a session of its own (see :class:`WorkerProcess`).
+    """
+    # spawn: a fork of this process would inherit its ONNX thread pools and Python state
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        per_batch = {
+            b: pool.apply(_scorer_rate_child, ((str(manifest_dir), list(values), b, seconds, None),)) for b in batches
+        }
+    best = max(per_batch, key=lambda b: per_batch[b]["posts_s"])
+    result: dict[str, Any] = {
+        "per_batch": {str(b): r for b, r in per_batch.items()},
+        "best_batch": best,
+        "one_process": per_batch[best]["posts_s"],
+        "load_before_multi": _load_avg(),
+    }
+    if procs > 1:
+        start_at = time.time() + 20.0  # children load the model first, then measure the same window
+        with ctx.Pool(procs) as pool:
+            rates = pool.map(_scorer_rate_child, [(str(manifest_dir), list(values), best, seconds, start_at)] * procs)
+        result["multi_process"] = sum(r["posts_s"] for r in rates)
+        result["multi_process_each"] = [r["posts_s"] for r in rates]
+    return result
+
+
+def head_only(manifest_dir: Path, mix: Mix, batches: Sequence[int], seconds: float, seed: int) -> dict[str, Any]:
+    """(d): rows/s of the ONNX head on pre-encoded (random, right-shaped) features with ``mix``'s presence."""
+    from stream.service.runtime import create_session
+
+    settings = get_settings()
+    manifest = Manifest.load(manifest_dir, check_graphs=False)
+    session = create_session(manifest.head_path(settings.recovery), settings)
+    mean, var = manifest.queue_moments()
+    rng = np.random.default_rng(seed)
+    rates: dict[str, float] = {}
+    for b in batches:
+        present = np.ones((b, 3), np.float32)
+        present[:, 1] = rng.random(b) < mix.image
+        present[:, 2] = rng.random(b) < mix.transcript
+        feeds = {
+            "text": rng.standard_normal((b, 384), dtype=np.float32) * 0.05,
+            "image": np.abs(rng.standard_normal((b, 1280), dtype=np.float32)) * present[:, 1:2],
+            "transcript": rng.standard_normal((b, 384), dtype=np.float32) * 0.05 * present[:, 2:3],
+            "present": present,
+            "queue_mean": mean,
+            "queue_var": var,
+        }
+        session.run(feeds)
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            session.run(feeds)
+            n += b
+        rates[str(b)] = n / elapsed
+    best = max(rates, key=lambda k: rates[k])
+    return {"per_batch": rates, "best_batch": int(best), "rows_s": rates[best]}
+
+
+# -- processes under test ------------------------------------------------------------------------
+
+
+def _metrics_text(service: WorkerProcess) -> str:
+    """The process's /metrics ("" while it is not up yet)."""
+    try:
+        return service.metrics_text(timeout=2)
+    except OSError:
+        return ""
+
+
+def _scored(service: WorkerProcess) -> float:
+    """``sentiment_events_total{outcome="scored"}`` from the worker's metrics (0 if not up yet)."""
+    for line in _metrics_text(service).splitlines():
+        if line.startswith('sentiment_events_total{outcome="scored"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _stage_seconds(metrics_text: str) -> dict[str, float]:
+    """Sum of seconds per stage (``sentiment_stage_latency_seconds_sum``), plus ``posts`` and ``batches``."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("sentiment_stage_latency_seconds_sum{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[stage] = out.get(stage, 0.0) + float(line.split()[-1])
+        elif line.startswith("sentiment_batch_size_sum "):
+            out["posts"] = float(line.split()[-1])
+        elif line.startswith("sentiment_batch_size_count "):
+            out["batches"] = float(line.split()[-1])
+    return out
+
+
+# -- broker side: produce and collect ------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    emit_ts: float
+    event_ts: float
+    received: float
+
+
+class Collector:
+    """Reads ``sentiment`` from the earliest offset of every partition in the background (no group, no join wait)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.seen: dict[str, Seen] = {}
+        self.duplicates = 0
+        self._task: asyncio.Task[None] | None = None
+        self._reader = TopicReader(settings.bootstrap_servers, [settings.topic_sentiment], fetch_max_wait_ms=20)
+
+    async def start(self) -> None:
+        await self._reader.start()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            records = await self._reader.poll()
+            now = time.time()
+            for rec in records:
+                d = msgpack.unpackb(rec.value, raw=False)
+                if d["id"] in self.seen:
+                    self.duplicates += 1
+                    continue
+                self.seen[d["id"]] = Seen(float(d["emit_ts"]), float(d["event_ts"]), now)
+
+    async def wait_for(self, ids: Sequence[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(i in self.seen for i in ids):
+                return True
+            if self._task is not None and self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.05)
+        return False
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._reader.stop()
+
+
+async def _producer(settings: Settings, linger_ms: int) -> Any:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=linger_ms, max_request_size=4_000_000
+    )
+    await producer.start()
+    return producer
+
+
+async def _warm_up(
+    settings: Settings,
+    services: Sequence[WorkerProcess],
+    collector: Collector,
+    post: dict[str, Any],
+    run_id: str,
+    timeout: float = 120,
+) -> None:
+    """Until every partition has served a post and every process has scored one (the group is stable)."""
+    producer = await _producer(settings, 0)
+    deadline = time.monotonic() + timeout
+    try:
+        round_ = 0
+        while True:
+            ids = []
+            for p in range(settings.partitions):
+                for k in range(_WARMUP_PER_PARTITION):
+                    pid = f"{run_id}-warm{round_}-{p}-{k}"
+                    ids.append(pid)
+                    await producer.send_and_wait(
+                        settings.topic_posts, _encode(post, id=pid, ts=time.time()), key=pid.encode(), partition=p
+                    )
+            if not await collector.wait_for(ids, max(1.0, deadline - time.monotonic())):
+                raise TimeoutError("warm-up posts were not scored in time; see the worker logs")
+            scored = [_scored(s) for s in services]
+            if all(n > 0 for n in scored) or time.monotonic() > deadline:
+                return
+            round_ += 1
+            await asyncio.sleep(1.0)
+    finally:
+        await producer.stop()
+
+
+async def _saturate(
+    settings: Settings, collector: Collector, posts: Sequence[dict[str, Any]], timeout: float
+) -> dict[str, Any]:
+    """Produce ``posts`` as fast as possible; posts/s = events / (last emit − first publish).
+
+    If not every event arrives within ``timeout`` (the naive peer), the rate counts the events so far:
+    the backlog never ran dry, so it is still the saturated rate.
+    """
+    producer = await _producer(settings, 5)
+    load = _load_avg()
+    try:
+        t0 = time.time()
+        futures = [
+            await producer.send(settings.topic_posts, _encode(p, ts=time.time()), key=p["id"].encode()) for p in posts
+        ]
+        await asyncio.gather(*futures)
+        produced_s = time.time() - t0
+    finally:
+        await producer.stop()
+    ids = [p["id"] for p in posts]
+    complete = await collector.wait_for(ids, timeout)
+    got = [collector.seen[i] for i in ids if i in collector.seen]
+    last = max((s.emit_ts for s in got), default=math.nan)
+    return {
+        "posts": len(posts),
+        "events": len(got),
+        "complete": complete,
+        "produce_s": produced_s,
+        "elapsed_s": last - t0,
+        "posts_s": len(got) / (last - t0) if got else math.nan,
+        "load_avg": load,
+    }
+
+
+async def _open_loop(
+    settings: Settings, collector: Collector, posts: Sequence[dict[str, Any]], rate: float, seconds: float, seed: int
+) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` for ``seconds``; latency = emit − publish and receive − publish."""
+    rng = np.random.default_rng(seed)
+    n = max(1, min(len(posts), round(rate * seconds)))
+    gaps = rng.exponential(1.0 / rate, n)
+    producer = await _producer(settings, 0)
+    load = _load_avg()
+    futures = []
+    try:
+        start = time.monotonic()
+        due = start
+        for post, gap in zip(posts[:n], gaps, strict=True):
+            due += float(gap)
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            futures.append(
+                await producer.send(settings.topic_posts, _encode(post, ts=time.time()), key=post["id"].encode())
+            )
+        await asyncio.gather(*futures)
+        sent_s = time.monotonic() - start
+    finally:
+        await producer.stop()
+    ids = [p["id"] for p in posts[:n]]
+    complete = await collector.wait_for(ids, timeout=60 + seconds)
+    got = [collector.seen[i] for i in ids if i in collector.seen]
+    return {
+        "target_posts_s": rate,
+        "offered_posts_s": n / sent_s if sent_s > 0 else math.nan,
+        "posts": n,
+        "events": len(got),
+        "complete": complete,
+        "emit_minus_publish": _percentiles([s.emit_ts - s.event_ts for s in got]),
+        "receive_minus_publish": _percentiles([s.received - s.event_ts for s in got]),
+        "load_avg": load,
+    }
+
+
+async def pipeline(
+    base: Settings,
+    module: list[str],
+    n_procs: int,
+    posts: Sequence[dict[str, Any]],
+    latency_posts: Sequence[dict[str, Any]],
+    loads: Sequence[float],
+    latency_seconds: float,
+    log_dir: Path,
+    tag: str,
+    seed: int,
+    timeout: float,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads."""
+    settings = await fresh_topics(base, prefix=f"bench-{tag}-")
+    services = [
+        WorkerProcess(
+            settings,
+            log_dir / f"{settings.consumer_group}-{i}.log",
+            env=dict(extra_env or {}),
+            module=module,
+            # A session of its own (sched_autogroup): every process under test gets the same CPU share.
+            new_session=True,
+        )
+        for i in range(n_procs)
+    ]
+    collector = Collector(settings)
+    await collector.start()
+    result: dict[str, Any] = {"processes": n_procs, "module": " ".join(module), "logs": str(log_dir)}
+    try:
+        for s in services:
+            s.start()
+        await _warm_up(settings, services, collector, posts[0], f"{tag}-{uuid.uuid4().hex[:4]}")
+        before = [_stage_seconds(_metrics_text(s)) for s in services]
+        result["saturation"] = await _saturate(settings, collector, posts, timeout)
+        after = [_stage_seconds(_metrics_text(s)) for s in services]
+        stages: dict[str, float] = {}
+        for b, a in zip(before, after, strict=True):
+            for k, v in a.items():
+                stages[k] = stages.get(k, 0.0) + v - b.get(k, 0.0)
+        result["stage_seconds"] = stages
+        sat = result["saturation"]["posts_s"]
+        result["latency"] = {}
+        offset = 0
+        for f in loads:
+            chunk = latency_posts[offset:]
+            res = await _open_loop(settings, collector, chunk, f * sat, latency_seconds, seed)
+            offset += res["posts"]
+            result["latency"][f"{f:.2f}"] = res
+        result["duplicates"] = collector.duplicates
+    finally:
+        await collector.stop()
+        for s in services:
+            s.terminate()
+    return result
+
+
+# -- one repeat ----------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    return a / b if a and b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Path, repeat: int) -> dict[str, Any]:
+    """Every measurement of one repeat for one mix, plus the ratios between them."""
+    settings = get_settings().model_copy(update={"model_dir": manifest_dir})
+    seed = args.seed + repeat
+    run_id = f"b{uuid.uuid4().hex[:6]}"
+    sample = build_posts(data_dir, args.split, args.sample_posts, mix, seed, run_id + "s")
+    values = [_encode(p) for p in sample]
+    out: dict[str, Any] = {"mix": mix.name, "repeat": repeat, "load_start": _load_avg()}
+
+    log.info("[%s #%d] (a) compute limit", mix.name, repeat)
+    out["a_compute"] = compute_limit(manifest_dir, values, args.batches, args.cell_seconds, args.procs)
+    log.info("[%s #%d] (a) %s", mix.name, repeat, {k: v for k, v in out["a_compute"].items() if k != "per_batch"})
+    out["d_head"] = head_only(manifest_dir, mix, args.head_batches, args.cell_seconds, seed)
+
+    limit_1 = out["a_compute"]["one_process"]
+    n_pipe = max(args.min_posts, round(args.seconds * out["a_compute"].get("multi_process", limit_1)))
+    posts = build_posts(data_dir, args.split, n_pipe, mix, seed, run_id + "p")
+    n_lat = round(sum(args.loads) * args.latency_seconds * out["a_compute"].get("multi_process", limit_1) * 1.2) + 10
+    latency_posts = build_posts(data_dir, args.split, n_lat, mix, seed + 1, run_id + "l")
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    worker_cmd = list(WORKER_MODULE)
+
+    async def pipelines() -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        for n in sorted({1, args.procs}):
+            log.info("[%s #%d] (b) pipeline, %d worker(s)", mix.name, repeat, n)
+            lat_posts = latency_posts if n == args.procs and mix.name in args.latency_mixes else []
+            loads = args.loads if lat_posts else []
+            res[f"b_pipeline_{n}"] = await pipeline(
+                settings,
+                worker_cmd,
+                n,
+                posts,
+                lat_posts,
+                loads,
+                args.latency_seconds,
+                log_dir,
+                f"{mix.name}{n}",
+                seed,
+                args.timeout,
+            )
+            log.info("[%s #%d] (b) %d: %s", mix.name, repeat, n, res[f"b_pipeline_{n}"]["saturation"])
+        if not args.skip_naive:
+            log.info("[%s #%d] (c) naive peer for %.0f s", mix.name, repeat, args.naive_seconds)
+            threads = {"OMP_NUM_THREADS": str(args.naive_threads)} if args.naive_threads else {}
+            res["c_naive"] = await pipeline(
+                settings,
+                ["export.bench_naive"],
+                1,
+                posts,
+                [],
+                [],
+                0,
+                log_dir,
+                f"{mix.name}naive",
+                seed,
+                args.naive_seconds,
+                threads,
+            )
+            log.info("[%s #%d] (c) %s", mix.name, repeat, res["c_naive"]["saturation"])
+        return res
+
+    out.update(asyncio.run(pipelines()))
+    # The machine is shared: measure the limit again after the pipelines and compare with the mean.
+    log.info("[%s #%d] (a) compute limit again", mix.name, repeat)
+    best = out["a_compute"]["best_batch"]
+    out["a_compute_after"] = compute_limit(manifest_dir, values, [best], args.cell_seconds, args.procs)
+    a1 = (limit_1 + out["a_compute_after"]["one_process"]) / 2
+    a2 = (out["a_compute"].get("multi_process", limit_1) + out["a_compute_after"].get("multi_process", a1)) / 2
+    out["limit_mean"] = {"one_process": a1, "multi_process": a2}
+    for key in [k for k in out if k.startswith("b_pipeline_")]:
+        sat, n = out[key]["saturation"], out[key]["processes"]
+        # share of the wall time the scoring executors were busy: 1.0 = the pipeline never starves them
+        out[key]["executor_busy"] = out[key]["stage_seconds"].get("batch", math.nan) / (sat["elapsed_s"] * n)
+    b1 = out["b_pipeline_1"]["saturation"]["posts_s"]
+    b2 = out[f"b_pipeline_{args.procs}"]["saturation"]["posts_s"]
+    c = out["c_naive"]["saturation"]["posts_s"] if "c_naive" in out else math.nan
+    batch_s = out["a_compute"]["per_batch"].get(str(settings.max_batch), {}).get("batch_s_median", math.nan)
+    out["batch_compute_s"] = batch_s
+    out["ratios"] = {
+        "b1_over_a1": _ratio(b1, a1),
+        "bN_over_aN": _ratio(b2, a2),
+        "bN_over_c": _ratio(b2, c),
+        "bN_over_b1": _ratio(b2, b1),
+        "aN_over_a1": _ratio(a2, a1),
+    }
+    lat = out[f"b_pipeline_{args.procs}"].get("latency", {})
+    half = lat.get("0.50")
+    if half:
+        out["p99_at_half_over_batch"] = _ratio(half["emit_minus_publish"]["p99"], batch_s)
+    out["load_end"] = _load_avg()
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:,.{digits}f}"
+
+
+def _cell(values: Sequence[float], digits: int = 0, scale: float = 1.0) -> str:
+    s = _spread([v * scale for v in values if v is not None])
+    if not math.isfinite(s["median"]):
+        return "–"
+    if s["min"] == s["max"]:
+        return _fmt(s["median"], digits)
+    return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})"
+
+
+def _latency(procs: int, load: str, kind: str, p: str) -> Callable[[dict[str, Any]], float]:
+    def get(r: dict[str, Any]) -> float:
+        return float(r[f"b_pipeline_{procs}"]["latency"][load][f"{kind}_minus_publish"][p])
+
+    return get
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The bench table: median (min–max over repeats) per mix."""
+    procs = report["config"]["procs"]
+    lines = [
+        f"model `{report['config']['model_version']}` ({report['config']['model_dir']}); "
+        f"text encoder {report['config']['text_encoder']}, intra-op threads {report['config']['intra_op_threads']}, "
+        f"max_batch {report['config']['max_batch']}, max_wait {report['config']['max_wait_s']} s; "
+        f"{report['config']['repeats']} repeat(s); cells: median (min–max over repeats).",
+        "",
+    ]
+    by_mix: dict[str, list[dict[str, Any]]] = {}
+    for r in report["runs"]:
+        by_mix.setdefault(r["mix"], []).append(r)
+    head = "| measurement | " + " | ".join(f"{m} ({MIXES[m].describe()})" for m in by_mix) + " |"
+    lines += [head, "|---|" + "---|" * len(by_mix)]
+
+    def row(label: str, get: Callable[[dict[str, Any]], float | None], digits: int = 0, scale: float = 1.0) -> None:
+        cells = []
+        for runs in by_mix.values():
+            vals = []
+            for r in runs:
+                with contextlib.suppress(KeyError, TypeError):
+                    v = get(r)
+                    if v is not None:
+                        vals.append(v)
+            cells.append(_cell(vals, digits, scale))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("(a) compute limit, 1 process × 1 thread, best batch [posts/s]", lambda r: r["limit_mean"]["one_process"])
+    row("    measured before the pipelines", lambda r: r["a_compute"]["one_process"])
+    row("    measured after the pipelines", lambda r: r["a_compute_after"]["one_process"])
+    row("    best batch size", lambda r: r["a_compute"]["best_batch"])
+    row(f"(a) compute limit, {procs} processes × 1 thread [posts/s]", lambda r: r["limit_mean"]["multi_process"])
+    row("(b) pipeline, 1 worker [posts/s]", lambda r: r["b_pipeline_1"]["saturation"]["posts_s"])
+    row(f"(b) pipeline, {procs} workers [posts/s]", lambda r: r[f"b_pipeline_{procs}"]["saturation"]["posts_s"])
+    row("(b) executor busy, 1 worker [% of wall time]", lambda r: r["b_pipeline_1"]["executor_busy"], 0, 100)
+    row(
+        f"(b) executor busy, {procs} workers [% of wall time]",
+        lambda r: r[f"b_pipeline_{procs}"]["executor_busy"],
+        0,
+        100,
+    )
+    row(
+        "(c) naive peer: Faust + PyTorch eager, one post at a time [posts/s]",
+        lambda r: r["c_naive"]["saturation"]["posts_s"],
+        1,
+    )
+    row("(d) head only, pre-encoded features [rows/s]", lambda r: r["d_head"]["rows_s"])
+    row("(b)/(a), 1 worker / 1 process [%]", lambda r: r["ratios"]["b1_over_a1"], 0, 100)
+    row(f"(b)/(a), {procs} workers / {procs} processes [%]", lambda r: r["ratios"]["bN_over_aN"], 0, 100)
+    row(f"(b)/(c), {procs} workers / naive [×]", lambda r: r["ratios"]["bN_over_c"], 1)
+    row(f"scaling: {procs} workers / 1 worker [×]", lambda r: r["ratios"]["bN_over_b1"], 2)
+    row(f"scaling: {procs} processes / 1 process, compute only [×]", lambda r: r["ratios"]["aN_over_a1"], 2)
+    row("one batch of max_batch computed in-process [ms]", lambda r: r["batch_compute_s"], 0, 1000)
+    for f in report["config"]["loads"]:
+        key = f"{f:.2f}"
+        for p in ("p50", "p95", "p99"):
+            row(f"latency at {f:.0%} of saturation, emit − publish, {p} [ms]", _latency(procs, key, "emit", p), 0, 1000)
+        row(f"latency at {f:.0%}, receive − publish, p99 [ms]", _latency(procs, key, "receive", "p99"), 0, 1000)
+    row("p99 at 50 % / one batch's compute time [×]", lambda r: r["p99_at_half_over_batch"], 2)
+    loads = [
+        f"{_cell([r['load_start'] for r in runs], 1)} → {_cell([r['load_end'] for r in runs], 1)}"
+        for runs in by_mix.values()
+    ]
+    lines.append("| load average (1 min) at start → end | " + " | ".join(loads) + " |")
+    return "\n".join(lines)
+
+
+# What the test suite builds (tests/conftest.py): a fallback model and benchmark in a checkout.
+_TEST_ARTIFACTS: Final = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
+
+
+def default_model_dir() -> Path | None:
+    """The first with a manifest of: ``settings.model_dir`` if ``SENTIMENT_MODEL_DIR`` sets it, the newest
+    test-artifact export, ``settings.model_dir`` at its default (where the demo puts its small model).
+    """
+    candidates = sorted(_TEST_ARTIFACTS.glob("export-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    settings_dir = get_settings().model_dir
+    for c in [settings_dir, *candidates] if "SENTIMENT_MODEL_DIR" in os.environ else [*candidates, settings_dir]:
+        if (c / "manifest.json").is_file():
+            return c
+    return None
+
+
+def default_data_dir() -> Path | None:
+    """``settings.data_dir`` if it holds a built benchmark, else a test-artifact one."""
+    for c in [get_settings().data_dir, *sorted(_TEST_ARTIFACTS.glob("bench-*"))]:
+        if (c / "posts").is_dir():
+            return c
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-dir", type=Path, help="exported model (default: settings.model_dir or a test export)")
+    parser.add_argument("--data-dir", type=Path, help="built benchmark (default: settings.data_dir)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--latency-mixes", nargs="*", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="processes / workers (one per core)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--head-batches", type=int, nargs="+", default=[32, 256, 1024])
+    parser.add_argument("--cell-seconds", type=float, default=3.0, help="seconds per (a)/(d) cell")
+    parser.add_argument("--sample-posts", type=int, default=512, help="posts cycled in the (a) loop")
+    parser.add_argument("--seconds", type=float, default=15.0, help="saturation run length at the compute limit")
+    parser.add_argument("--min-posts", type=int, default=200)
+    parser.add_argument("--naive-seconds", type=float, default=30.0, help="how long the naive peer runs saturated")
+    parser.add_argument(
+        "--naive-threads", type=int, default=1, help="torch threads of the naive peer (0: torch default)"
+    )
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--loads", type=float, nargs="*", default=[0.25, 0.5, 0.8])
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="max seconds to wait for a run's events")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-dir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "sentiment-bench"))
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.tools.services import LocalStack
+
+    model_dir = args.model_dir or default_model_dir()
+    data_dir = args.data_dir or default_data_dir()
+    if model_dir is None or data_dir is None:
+        print("error: need --model-dir (an export with manifest.json) and --data-dir (a built benchmark)")
+        return 2
+    settings = get_settings()
+    manifest = Manifest.load(model_dir, check_graphs=False)
+    LocalStack(settings).start()
+    report: dict[str, Any] = {
+        "config": {
+            "model_dir": str(model_dir),
+            "model_version": manifest.version,
+            "data_dir": str(data_dir),
+            "split": args.split,
+            "mixes": {m: MIXES[m].describe() for m in args.mixes},
+            "procs": args.procs,
+            "cpus": os.cpu_count(),
+            "repeats": args.repeats,
+            "loads": args.loads,
+            "text_encoder": settings.text_encoder,
+            "intra_op_threads": settings.intra_op_threads,
+            "max_batch": settings.max_batch,
+            "max_wait_s": settings.max_wait_s,
+            "encode_sub_batch": settings.encode_sub_batch,
+            "partitions": settings.partitions,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "uptime_start": _uptime(),
+        },
+        "runs": [],
+    }
+    for repeat in range(args.repeats):
+        for name in args.mixes:
+            report["runs"].append(run_mix(args, MIXES[name], model_dir, data_dir, repeat))
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report["config"]["uptime_end"] = _uptime()
+    table = markdown(report)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+def _uptime() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    return f"load average {os.getloadavg()}"

@@ -1,0 +1,149 @@
+"""``sentiment-stream demo``: the whole product in one command, on a fresh machine.
+
+Starts the local stack, makes sure a served model exists (trains and exports a small one when none does,
+which takes a few minutes on 2 cores), starts a worker, replays the benchmark's test recording with
+faults injected, prints the robustness report and where the metrics are, then stops what it started.
+Training and export run as ``sentiment-stream`` subprocesses, so this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from stream.service.settings import Settings, get_settings
+from stream.tools.dataset import benchmark_posts
+from stream.tools.launcher import WorkerNotReady, WorkerProcess
+from stream.tools.recording import write_recording
+from stream.tools.replay import Faults, ReplayOptions, replay
+from stream.tools.report import build_report
+from stream.tools.services import LocalStack
+
+__all__ = ["add_arguments", "run"]
+
+DEMO_SAMPLE_TWEETS = 2500  # enough for a useful head; the full build is `sentiment-stream data build`
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> None:
+    started = time.monotonic()
+    _say("$ sentiment-stream " + " ".join(args))
+    result = subprocess.run([sys.executable, "-m", "stream.cli", *args], env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"[demo] `sentiment-stream {' '.join(args)}` failed with exit code {result.returncode}")
+    _say(f"  done in {time.monotonic() - started:.0f} s")
+
+
+def _has_features(data_dir: Path) -> bool:
+    return (data_dir / "manifest.json").is_file() and (data_dir / "features").is_dir()
+
+
+def ensure_data(settings: Settings) -> Path:
+    """A built benchmark with features: the configured one, else a small sample built now."""
+    if _has_features(settings.data_dir):
+        return settings.data_dir
+    sample = settings.data_dir.parent / "demo-data"
+    if _has_features(sample):
+        return sample
+    _say(f"no benchmark at {settings.data_dir}; building a {DEMO_SAMPLE_TWEETS}-tweet sample (a few minutes)")
+    _cli("data", "fetch")
+    _cli("data", "build", "--out", str(sample), "--sample", str(DEMO_SAMPLE_TWEETS), "--clean-only")
+    return sample
+
+
+def ensure_model(settings: Settings, data_dir: Path) -> Path:
+    """An exported model: the configured one, else a small serving head trained and exported now."""
+    if (settings.model_dir / "manifest.json").is_file():
+        _say(f"serving the model in {settings.model_dir}")
+        return settings.model_dir
+    trained = settings.model_dir.parent / "demo-trained"
+    _say("no exported model; training a small serving head on cached features (about a minute on 2 cores)")
+    _cli("train", "--model", "serving", "--epochs", "10", "--out", str(trained), "--data-dir", str(data_dir),
+         "--no-progress")
+    _say("exporting encoders and heads to ONNX with a parity check (1-2 minutes)")
+    _cli("export", "--model-dir", str(trained), "--out", str(settings.model_dir), "--data-dir", str(data_dir),
+         "--head-samples", "1000", "--int8-eval-posts", "0")
+    return settings.model_dir
+
+
+def ensure_recording(data_dir: Path) -> Path:
+    """The benchmark's test split as a recording (written by `data build`, or now)."""
+    path = data_dir / "recordings" / "test.srec"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_recording(path, benchmark_posts(data_dir, "test"), start_ts=1_700_000_000.0, rate=50.0,
+                        meta={"split": "test", "synthetic_pairing": True})
+    return path
+
+
+@contextmanager
+def running_worker(settings: Settings, log_path: Path) -> Iterator[WorkerProcess]:
+    """A worker on the configured metrics and web ports, healthy, stopped (SIGTERM) on exit."""
+    with WorkerProcess(settings, log_path, metrics_port=settings.metrics_port, web_port=settings.web_port) as worker:
+        try:
+            worker.wait_ready(timeout=90)
+        except WorkerNotReady as exc:
+            raise SystemExit(f"[demo] {exc}") from None
+        _say(f"worker up (pid {worker.pid}); health {worker.health_url}; log {log_path}")
+        yield worker
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--posts", type=int, default=2000, help="posts to replay (default 2000)")
+    parser.add_argument("--rate", type=float, default=None, help="cap the replay at N posts/s")
+    parser.add_argument("--drop", default="image=0.3,transcript=0.3", help="modalities to drop (replay --drop)")
+    parser.add_argument("--corrupt", default="text=0.1,image=0.1", help="modalities to corrupt (replay --corrupt)")
+    parser.add_argument("--malformed", type=float, default=0.02, help="fraction of malformed payloads")
+    parser.add_argument("--report", type=Path, default=None, help="report dir (default <state>/demo-report)")
+    parser.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.tools.replay import parse_rates
+
+    settings = get_settings()
+    report_dir = args.report or settings.state_dir / "demo-report"
+    stack = LocalStack(settings)
+    already = {s.name for s in stack.status() if s.running}
+    _say("starting the local broker and Redis")
+    stack.start()
+    started = time.monotonic()
+    try:
+        data_dir = ensure_data(settings)
+        ensure_model(settings, data_dir)
+        recording = ensure_recording(data_dir)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        with running_worker(settings, settings.state_dir / "demo-worker.log") as worker:
+            faults = Faults(drop=parse_rates(args.drop), corrupt=parse_rates(args.corrupt),
+                            malformed=args.malformed, seed=0)
+            _say(f"replaying {args.posts} posts of {recording} with faults {faults.to_dict()}")
+            options = ReplayOptions(faults=faults, speed=None, rate=args.rate, max_posts=args.posts,
+                                    timeout_s=180, progress=True)
+            result = asyncio.run(replay(settings, recording, options))
+            report = build_report(result, report_dir)
+            metrics_url = worker.metrics_url
+            with suppress(OSError):
+                (report_dir / "metrics.txt").write_text(worker.metrics_text())
+        print()
+        print((report_dir / "report.md").read_text())
+        print(json.dumps({k: report[k] for k in ("delivery", "latency_s", "throughput") if k in report}, indent=1))
+        _say(f"report: {report_dir}/report.md (+ report.json, PNG plots); metrics were at {metrics_url} "
+             f"(a copy in {report_dir}/metrics.txt)")
+        _say(f"finished in {time.monotonic() - started:.0f} s")
+        return 0
+    finally:
+        if args.keep_running or "broker" in already:
+            _say("leaving the local stack running")
+        else:
+            _say("stopping the local stack (a Redis that was already running is left alone)")
+            stack.stop()

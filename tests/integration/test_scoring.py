@@ -1,0 +1,120 @@
+"""The broker-free scorer and the worker's batch service, on the real exported model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from stream.service.events import MODALITIES, Post, encode_post
+from stream.service.feature_queue import QueueStats
+from stream.service.manifest import Manifest
+from stream.service.metrics import Metrics
+from stream.service.processing import ScoringService
+from stream.service.scoring import InputRecord, PostScorer
+from stream.service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def scorer(served_model: Path) -> PostScorer:
+    return PostScorer(Manifest.load(served_model), Settings(model_dir=served_model))
+
+
+def _records(posts: list[Post]) -> list[InputRecord]:
+    return [InputRecord(value=encode_post(p), key=p.id.encode(), timestamp=100.0) for p in posts]
+
+
+def test_every_valid_post_gets_one_event_and_every_invalid_one_a_dead_letter(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    posts = benchmark_posts[:40]
+    records = _records(posts)
+    records.insert(5, InputRecord(value=b"\xc1", key=b"junk", topic="posts", partition=2, offset=7))
+    out = scorer.score(records, None)
+    assert [e.id for e in out.events] == [p.id for p in posts]
+    assert [(d.reason, d.key, d.partition, d.offset) for d in out.dead_letters] == [("not_msgpack", b"junk", 2, 7)]
+    for ev, post in zip(out.events, posts, strict=True):
+        assert ev.present == post.present
+        assert ev.recovered == tuple(m for m in MODALITIES if m not in post.present)
+        assert set(ev.quality) == set(post.present) and all(0 <= q <= 1 for q in ev.quality.values())
+        assert ev.event_ts == 100.0 and ev.flags == ("queue_unavailable",)
+        assert ev.label == ("negative", "neutral", "positive")[int(np.argmax(ev.probs))]
+
+
+def test_scores_do_not_depend_on_batch_composition(scorer: PostScorer, benchmark_posts: list[Post]) -> None:
+    posts = benchmark_posts[:24]
+    together = scorer.score(_records(posts), None).events
+    alone = [scorer.score(_records([p]), None).events[0] for p in posts]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+
+
+def test_only_complete_confident_posts_are_enqueued(scorer: PostScorer, benchmark_posts: list[Post]) -> None:
+    posts = benchmark_posts[:70]
+    permissive = PostScorer(
+        scorer.manifest, scorer.settings.model_copy(update={"enqueue_min_confidence": 0.0, "enqueue_min_quality": 0.0})
+    )
+    out = permissive.score(_records(posts), None)
+    complete = sum(len(p.present) == 3 for p in posts)
+    assert complete > 0
+    assert {m: v.shape for m, v in out.enqueue.items()} == {m: (complete, scorer.queue_dim) for m in MODALITIES}
+    strict = PostScorer(scorer.manifest, scorer.settings.model_copy(update={"enqueue_min_confidence": 1.0}))
+    assert strict.score(_records(posts), None).enqueue == {}
+
+
+def test_redis_statistics_replace_the_training_queue_and_degraded_ones_are_flagged(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    d = scorer.queue_dim
+    stats = QueueStats(
+        "ok",
+        count=dict.fromkeys(MODALITIES, 50),
+        mean={m: np.full(d, 0.5, np.float32) for m in MODALITIES},
+        var={m: np.full(d, 2.0, np.float32) for m in MODALITIES},
+    )
+    mean, var = scorer.moments(stats)
+    assert np.all(mean == 0.5) and np.all(var == 2.0)
+    fallback_mean, _ = scorer.moments(None)
+    np.testing.assert_array_equal(fallback_mean, scorer.manifest.queue_moments()[0])
+    stale = QueueStats("queue_stale", stats.count, stats.mean, stats.var)
+    assert scorer.score(_records(benchmark_posts[:3]), stale).events[0].flags == ("queue_stale",)
+    assert scorer.score(_records(benchmark_posts[:3]), stats).events[0].flags == ()
+
+
+def test_an_oversized_dead_letter_keeps_a_prefix_and_says_so(scorer: PostScorer) -> None:
+    small = PostScorer(
+        scorer.manifest, scorer.settings.model_copy(update={"max_dead_letter_bytes": 2048, "max_text_chars": 10})
+    )
+    raw = msgpack.packb({"id": "long", "text": "x" * 5000})
+    out = small.score([InputRecord(value=raw)], None)
+    (letter,) = out.dead_letters
+    assert letter.reason == "field_too_long" and letter.truncated and letter.value == raw[:2048]
+
+
+def test_a_post_that_breaks_the_model_path_goes_alone_to_the_dlq(
+    served_model: Path, benchmark_posts: list[Post], redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(model_dir=served_model, redis_url=redis_url)
+    service = ScoringService(settings, Manifest.load(served_model), Metrics(settings, process_metrics=False))
+    poison = benchmark_posts[3].id
+    real_score = service.scorer.score
+
+    def fragile(records: list[InputRecord], stats: QueueStats | None = None):  # type: ignore[no-untyped-def]
+        if any(msgpack.unpackb(r.value)["id"] == poison for r in records):
+            raise RuntimeError("model path failure")
+        return real_score(records, stats)
+
+    monkeypatch.setattr(service.scorer, "score", fragile)
+
+    async def go():  # type: ignore[no-untyped-def]
+        try:
+            return await service.score(_records(benchmark_posts[:8]))
+        finally:
+            await service.stop()
+
+    outcome = asyncio.run(go())
+    assert [e.id for e in outcome.events] == [p.id for p in benchmark_posts[:8] if p.id != poison]
+    assert [(d.reason, d.key) for d in outcome.dead_letters] == [("internal_error", poison.encode())]

@@ -1,0 +1,344 @@
+"""Behaviour of the heads: shapes, queue semantics, quality, loss switches, recovery, training, ONNX parity.
+
+Everything runs on synthetic features; nothing here reads the feature cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from models.common import FEATURE_DIMS, MODALITIES, TrainBatch, View, masked_softmax
+from models.drf import DRF, DRFConfig, FeatureQueue, QualityEstimator
+from models.fsrf import FSRF, FSRFConfig
+from models.head import ServingHead, ServingHeadConfig, load_serving_head
+from models.train import (
+    DRF_PARTS,
+    FSRF_PARTS,
+    MODELS,
+    FeatureStats,
+    TrainDisruption,
+    apply_ablation,
+    build_model,
+    default_config,
+    disrupt,
+    synthetic_table,
+    train_model,
+)
+
+torch.set_num_threads(1)
+B = 16
+
+
+def _features(batch: int = B, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    text, image, transcript = (torch.randn(batch, FEATURE_DIMS[m], generator=gen) for m in MODALITIES)
+    return text, image, transcript
+
+
+def _present(batch: int = B) -> torch.Tensor:
+    patterns = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1]], dtype=torch.float32)
+    return patterns[torch.arange(batch) % len(patterns)]
+
+
+def _batch(seed: int = 0) -> TrainBatch:
+    text, image, transcript = _features(seed=seed)
+    complete = torch.ones(B, 3)
+    stats = FeatureStats(
+        tuple(torch.zeros(FEATURE_DIMS[m]) for m in MODALITIES),  # type: ignore[arg-type]
+        tuple(torch.ones(FEATURE_DIMS[m]) for m in MODALITIES),  # type: ignore[arg-type]
+    )
+    gen = torch.Generator().manual_seed(seed)
+    cfg = TrainDisruption(ratio=1.0)
+    feats = (text, image, transcript)
+    return TrainBatch(
+        view=disrupt(feats, complete, cfg, stats, gen),
+        view_b=disrupt(feats, complete, cfg, stats, gen),
+        clean=View(text, image, transcript, complete),
+        label=torch.arange(B) % 3,
+    )
+
+
+def _loss(model: torch.nn.Module, batch: TrainBatch) -> tuple[float, set[str]]:
+    torch.manual_seed(0)
+    model.eval()  # no dropout: the same batch gives the same loss
+    out = model.compute_loss(batch)  # type: ignore[operator]
+    return float(out.total.detach()), set(out.terms)
+
+
+def _fill_queue(queue: FeatureQueue, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in range(3):
+        queue.enqueue(m, torch.randn(queue.length, queue.features.shape[-1], generator=gen) * 0.5 + 0.3 * m)
+
+
+# -- the DRF feature queue ---------------------------------------------------------------------
+
+
+def test_queue_evicts_the_oldest_rows_first() -> None:
+    queue = FeatureQueue(n_modalities=3, length=4, dim=2)
+    rows = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    queue.enqueue(0, rows[:3])
+    assert queue.snapshot(0).tolist() == rows[:3].tolist()
+    queue.enqueue(0, rows[3:])  # 6 rows pushed into 4 slots: rows 0 and 1 are gone
+    assert queue.snapshot(0).tolist() == rows[2:].tolist()
+    assert int(queue.count[0]) == 4
+    assert queue.snapshot(1).shape == (0, 2)  # other modalities untouched
+
+
+def test_queue_batch_larger_than_queue_keeps_its_last_rows() -> None:
+    queue = FeatureQueue(n_modalities=1, length=3, dim=1)
+    queue.enqueue(0, torch.arange(7, dtype=torch.float32).unsqueeze(-1))
+    assert queue.snapshot(0).squeeze(-1).tolist() == [4.0, 5.0, 6.0]
+
+
+def test_queue_moments_are_those_of_the_held_rows() -> None:
+    queue = FeatureQueue(n_modalities=3, length=50, dim=4)
+    data = torch.randn(80, 4)
+    queue.enqueue(2, data)
+    mean, var = queue.moments()
+    held = data[-50:].numpy()
+    np.testing.assert_allclose(mean[2].numpy(), held.mean(0), atol=1e-5)
+    np.testing.assert_allclose(var[2].numpy(), held.var(0), atol=1e-5)
+    # an empty queue reads as a standard normal, so quality is defined from the first step
+    assert mean[0].abs().sum() == 0 and torch.all(var[0] == 1)
+
+
+def test_queue_enqueue_detaches_from_the_graph() -> None:
+    queue = FeatureQueue(1, 8, 3)
+    x = torch.randn(4, 3, requires_grad=True)
+    queue.enqueue(0, x * 2)
+    assert not queue.features.requires_grad
+
+
+# -- quality -----------------------------------------------------------------------------------
+
+
+def test_quality_drops_for_features_far_from_the_queue_distribution() -> None:
+    estimator = QualityEstimator(DRFConfig(use_modality_prior=False))
+    mean, var = torch.zeros(3, 8), torch.ones(3, 8)
+    typical = torch.randn(64, 3, 8) * 0.8
+    shifted = typical.clone()
+    shifted[:, 1] += 4.0  # the image modality is out of distribution
+    quality, weights = estimator(shifted, torch.ones(64, 3), mean, var)
+    assert quality[:, 0].mean() > 0.9 and quality[:, 1].mean() < 0.01
+    assert torch.all(weights[:, 1] < weights[:, 0])
+    torch.testing.assert_close(weights.sum(-1), torch.ones(64))
+
+
+def test_quality_is_reported_even_when_the_fusion_ignores_it() -> None:
+    estimator = QualityEstimator(DRFConfig(use_quality=False, use_modality_prior=False))
+    h = torch.zeros(4, 3, 8)
+    h[:, 2] += 4.0
+    quality, weights = estimator(h, torch.ones(4, 3), torch.zeros(3, 8), torch.ones(3, 8))
+    assert torch.all(quality[:, 2] < 0.01) and torch.all(quality[:, 0] == 1)
+    torch.testing.assert_close(weights, torch.full((4, 3), 1 / 3))
+
+
+def test_missing_modalities_get_zero_weight_without_recovery() -> None:
+    weights = masked_softmax(torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]]))
+
+
+# -- loss switches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("part", DRF_PARTS)
+def test_each_drf_switch_changes_the_loss(part: str) -> None:
+    batch = _batch()
+    torch.manual_seed(0)
+    full = DRF(DRFConfig())
+    _fill_queue(full.queue)
+    with torch.no_grad():
+        full.quality.prior.copy_(torch.tensor([1.0, -0.5, 0.2]))
+    cfg = DRFConfig()
+    apply_ablation("drf", cfg, part)
+    ablated = DRF(cfg)
+    ablated.load_state_dict(full.state_dict())
+    (loss_full, terms_full), (loss_ablated, terms_ablated) = _loss(full, batch), _loss(ablated, batch)
+    assert loss_full != pytest.approx(loss_ablated, rel=1e-6, abs=1e-7)
+    if part in ("sample_loss", "dist_loss"):
+        assert f"drf_{part.removesuffix('_loss')}" in terms_full - terms_ablated
+
+
+@pytest.mark.parametrize("part", FSRF_PARTS)
+def test_each_fsrf_switch_changes_the_loss(part: str) -> None:
+    batch = _batch()
+    torch.manual_seed(0)
+    full = FSRF(FSRFConfig())
+    cfg = FSRFConfig()
+    apply_ablation("fsrf", cfg, part)
+    ablated = FSRF(cfg)
+    ablated.load_state_dict(full.state_dict())
+    (loss_full, terms_full), (loss_ablated, terms_ablated) = _loss(full, batch), _loss(ablated, batch)
+    assert loss_full != pytest.approx(loss_ablated, rel=1e-6, abs=1e-7)
+    assert len(terms_ablated) < len(terms_full) or part == "recovery"
+
+
+@pytest.mark.parametrize("part", sorted(set(DRF_PARTS) | set(FSRF_PARTS)))
+def test_each_serving_head_switch_changes_the_loss(part: str) -> None:
+    batch = _batch()
+    torch.manual_seed(0)
+    full = ServingHead(ServingHeadConfig())
+    _fill_queue(full.queue)
+    with torch.no_grad():
+        full.quality.prior.copy_(torch.tensor([1.0, -0.5, 0.2]))
+    cfg = ServingHeadConfig()
+    apply_ablation("serving", cfg, part)
+    ablated = ServingHead(cfg)
+    ablated.load_state_dict(full.state_dict())
+    assert _loss(full, batch)[0] != pytest.approx(_loss(ablated, batch)[0], rel=1e-6, abs=1e-7)
+
+
+def test_training_step_fills_the_queue_with_clean_features_only_in_training() -> None:
+    head = ServingHead(ServingHeadConfig(queue_len=64))
+    batch = _batch()
+    head.eval()
+    head.compute_loss(batch)
+    assert int(head.queue.count.sum()) == 0
+    head.train()
+    head.compute_loss(batch)
+    assert head.queue.count.tolist() == [B, B, B]
+
+
+# -- the serving head --------------------------------------------------------------------------
+
+
+def _serving_inputs(head: ServingHead, batch: int = B) -> tuple[torch.Tensor, ...]:
+    text, image, transcript = _features(batch)
+    present = _present(batch)
+    text, image, transcript = (x * present[:, i : i + 1] for i, x in enumerate((text, image, transcript)))
+    return text, image, transcript, present, torch.zeros(3, head.d), torch.ones(3, head.d)
+
+
+@pytest.mark.parametrize("recovery", ["fsrf", "drf"])
+def test_serving_head_outputs_follow_the_contract(recovery: str) -> None:
+    head = ServingHead(ServingHeadConfig(recovery=recovery)).eval()
+    inputs = _serving_inputs(head)
+    probs, quality, projected = head(*inputs)
+    present = inputs[3]
+    assert probs.shape == (B, 3) and quality.shape == (B, 3) and projected.shape == (B, 3, head.d)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B))
+    assert torch.all(quality[present == 0] == 0) and torch.all(quality[present == 1] > 0)
+    # missing modalities are recovered, not left at zero
+    assert torch.all(projected[present == 0].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("recovery", ["fsrf", "drf"])
+def test_serving_head_ignores_the_features_of_missing_modalities(recovery: str) -> None:
+    head = ServingHead(ServingHeadConfig(recovery=recovery)).eval()
+    inputs = list(_serving_inputs(head))
+    present = inputs[3]
+    garbage = [x + 100.0 * (1 - present[:, i : i + 1]) for i, x in enumerate(inputs[:3])]
+    for a, b in zip(head(*inputs), head(*garbage, *inputs[3:]), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_quality_input_changes_the_fusion_weights() -> None:
+    head = ServingHead().eval()
+    inputs = _serving_inputs(head)
+    shifted_mean = torch.zeros(3, head.d)
+    shifted_mean[1] += 5.0  # the image queue sits elsewhere: present images become low quality
+    probs_a, quality_a, _ = head(*inputs)
+    probs_b, quality_b, _ = head(*inputs[:4], shifted_mean, inputs[5])
+    has_image = inputs[3][:, 1] == 1
+    assert torch.all(quality_b[has_image, 1] < quality_a[has_image, 1])
+    assert not torch.allclose(probs_a, probs_b)
+
+
+@pytest.mark.parametrize("recovery", ["fsrf", "drf"])
+def test_serving_head_exports_to_onnx_with_a_dynamic_batch(recovery: str, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    head = ServingHead(ServingHeadConfig(recovery=recovery)).eval()
+    names = ["text", "image", "transcript", "present", "queue_mean", "queue_var"]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {n: ({0: batch} if i < 4 else None) for i, n in enumerate(names)}
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(
+        head, _serving_inputs(head, 4), str(path), dynamo=True, dynamic_shapes=dynamic,
+        input_names=names, output_names=["probs", "quality", "projected"],
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in (1, 7):  # neither is the export batch
+        inputs = _serving_inputs(head, size)
+        inputs = (*inputs[:4], torch.randn(3, head.d) * 0.1, torch.rand(3, head.d) + 0.5)
+        got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})
+        with torch.no_grad():
+            want = head(*inputs)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+
+def test_text_only_ignores_image_and_transcript() -> None:
+    model = build_model("text_only").eval()
+    text, image, transcript = _features()
+    present = torch.ones(B, 3)
+    torch.testing.assert_close(model(text, image, transcript, present), model(text, image * 3, -transcript, present))
+
+
+def test_early_fusion_modality_dropout_keeps_at_least_one_modality() -> None:
+    model = build_model("early_dropout", dataclasses.replace(default_config("early_dropout"), modality_dropout=0.9))
+    present = _present(600)
+    kept = model.drop_modalities(present)  # type: ignore[operator]
+    assert torch.all(kept <= present) and torch.all(kept.sum(-1) >= 1)
+    assert kept.sum(-1).mean() < 1.2  # most samples are down to the one modality always kept
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def test_training_disruption_discards_and_corrupts_but_keeps_one_modality() -> None:
+    table = synthetic_table(2000, seed=0)
+    feats = tuple(torch.from_numpy(x) for x in table.features)
+    available = torch.from_numpy(table.available)
+    view = disrupt(feats, available, TrainDisruption(ratio=0.5), FeatureStats.of(table), torch.Generator())
+    assert torch.all(view.present.sum(-1) >= 1)
+    discarded = (view.present == 0).any(-1).float().mean()
+    changed = torch.stack([(a != b).any(-1) for a, b in zip(view.features, feats, strict=True)], -1)
+    corrupted = (changed & (view.present == 1)).any(-1).float().mean()
+    assert 0.15 < discarded < 0.4 and 0.15 < corrupted < 0.4  # half the samples, each C or D
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_on_separable_synthetic_data_beats_chance(name: str) -> None:
+    train = synthetic_table(1500, seed=1, signal=(0.6, 0.4, 0.4))
+    val = synthetic_table(400, seed=2, signal=(0.6, 0.4, 0.4))
+    result = train_model(name, None, train, val, epochs=3, patience=3, progress=False)
+    assert result.metrics["val_clean"]["macro_f1"] > 0.6
+    assert result.metrics["epochs_run"] >= 1
+
+
+def test_train_command_writes_the_model_dir_layout(tmp_path: Path) -> None:
+    from models import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    out = tmp_path / "serving"
+    args = parser.parse_args(
+        ["--model", "serving", "--out", str(out), "--synthetic", "600", "--epochs", "1", "--no-progress",
+         "--recovery", "drf", "--ablate", "orth", "--set", "drf.quality_tau=2.0"]
+    )  # fmt: skip
+    assert train.run(args) == 0
+    config: dict[str, Any] = json.loads((out / "config.json").read_text())
+    assert config["model"] == "serving" and config["config"]["recovery"] == "drf"
+    assert config["config"]["fsrf"]["use_orth"] is False and config["config"]["drf"]["quality_tau"] == 2.0
+    queue = np.load(out / "queue.npz")
+    assert sorted(queue.files) == sorted(MODALITIES)
+    for m in MODALITIES:
+        assert queue[m].dtype == np.float32 and queue[m].ndim == 2 and queue[m].shape[1] == config["d"]
+        assert 0 < queue[m].shape[0] <= config["config"]["queue_len"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val_clean", "val_disrupted", "train_seconds"} <= set(metrics)
+    head = load_serving_head(out, recovery="fsrf")
+    assert head.recovery == "fsrf" and int(head.queue.count[0]) == queue["text"].shape[0]

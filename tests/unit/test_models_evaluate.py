@@ -1,0 +1,98 @@
+"""The evaluation protocol on synthetic features: conditions become the right views, results are written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.common import MODALITIES
+from models.disruptions import Condition, protocol_grid
+from models.evaluate import EvalData, condition_view, evaluate_run, markdown_report, plot_results
+from models.train import synthetic_table, train_model
+
+torch.set_num_threads(1)
+
+
+def _data(with_corrupt: bool = True) -> EvalData:
+    clean = synthetic_table(600, seed=3)
+    corrupt = {m: clean.features[i] * 0.1 + 5.0 for i, m in enumerate(MODALITIES)} if with_corrupt else {}
+    rates = {"rate_text_0.5": clean.rows(np.arange(200))}
+    return EvalData(clean, corrupt, rates)
+
+
+def _by_name(name: str) -> Condition:
+    return next(c for c in protocol_grid() if c.name == name)
+
+
+def test_fixed_discard_removes_that_modality_from_every_post() -> None:
+    built = condition_view(_data(), _by_name("fixed_D_image"), seed=0)
+    assert built is not None
+    view, _ = built
+    assert torch.all(view.present[:, 1] == 0) and torch.all(view.present[:, [0, 2]] == 1)
+    assert torch.all(view.image == 0)
+
+
+def test_fixed_corruption_uses_the_real_corrupted_features() -> None:
+    data = _data()
+    built = condition_view(data, _by_name("fixed_C_transcript"), seed=0)
+    assert built is not None
+    view, _ = built
+    np.testing.assert_allclose(view.transcript.numpy(), data.corrupt["transcript"])
+    np.testing.assert_allclose(view.text.numpy(), data.clean.features[0])
+
+
+def test_random_ratio_disrupts_about_that_share_of_posts_and_keeps_one_modality() -> None:
+    data = _data()
+    view, _ = condition_view(data, _by_name("random_C+D_0.6"), seed=1)  # type: ignore[misc]
+    discarded = (view.present == 0).any(-1)
+    corrupted = (
+        torch.stack([(view.features[i] != torch.from_numpy(data.clean.features[i])).any(-1) for i in range(3)], -1).any(
+            -1
+        )
+        & ~discarded
+    )
+    share = float((discarded | corrupted).float().mean())
+    assert 0.5 < share < 0.7
+    assert torch.all(view.present.sum(-1) >= 1)
+
+
+def test_condition_without_its_corrupted_variant_is_skipped() -> None:
+    data = _data(with_corrupt=False)
+    assert condition_view(data, _by_name("fixed_C_text"), seed=0) is None
+    assert condition_view(data, _by_name("fixed_D_text"), seed=0) is not None
+    assert condition_view(data, _by_name("rate_text_0.5"), seed=0) is not None
+    assert condition_view(data, _by_name("rate_image_0.5"), seed=0) is None
+
+
+@pytest.mark.parametrize("name", ["subset_text", "subset_image+transcript"])
+def test_subset_condition_keeps_exactly_those_modalities(name: str) -> None:
+    view, _ = condition_view(_data(), _by_name(name), seed=0)  # type: ignore[misc]
+    kept = name.removeprefix("subset_").split("+")
+    expected = torch.tensor([1.0 if m in kept else 0.0 for m in MODALITIES])
+    assert torch.all(view.present == expected)
+
+
+def test_evaluation_writes_tables_and_plots(tmp_path: Path) -> None:
+    data = _data()
+    train, val = synthetic_table(800, seed=1), synthetic_table(200, seed=2)
+    model = train_model("late_zero", None, train, val, epochs=1, progress=False).model
+    per_seed = {s: evaluate_run(model, data, s) for s in (0, 1)}
+    assert per_seed[0]["clean"]["macro_f1"] > 0.6
+    assert per_seed[0]["clean"] == per_seed[1]["clean"]  # clean does not depend on the disruption seed
+    from models.evaluate import _aggregate
+
+    results = {
+        "split": "random",
+        "test_split": "test",
+        "seeds": [0, 1],
+        "aggregate": {"late_zero": _aggregate(per_seed)},
+        "train_seconds": {"late_zero": {"mean": 1.0, "std": 0.0, "epochs": 1.0}},
+        "skipped": [],
+    }
+    text = markdown_report(results)
+    assert "| random_C+D_0.6 |" in text and "| rate_text_0.5 |" in text
+    paths = plot_results(results, tmp_path)
+    assert paths and all(p.stat().st_size > 1000 for p in paths)
