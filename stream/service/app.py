@@ -24,7 +24,7 @@ from mode.supervisors import CrashingSupervisor
 
 from stream.service.manifest import Manifest
 from stream.service.metrics import get_metrics, start_metrics_server
-from stream.service.processing import OutputKind, ScoringService
+from stream.service.processing import Headers, OutputKind, ScoringService
 from stream.service.scoring import InputRecord
 from stream.service.settings import Settings, get_settings
 
@@ -111,9 +111,9 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         async for events in stream.take_events(settings.max_batch, within=settings.max_wait_s):
             await handle_batch(events)
 
-    async def send(kind: OutputKind, key: bytes | None, value: bytes) -> Awaitable[Any]:
+    async def send(kind: OutputKind, key: bytes | None, value: bytes, headers: Headers | None = None) -> Awaitable[Any]:
         topic = sentiment_topic if kind == "sentiment" else dlq_topic
-        return await topic.send(key=key, value=value)
+        return await topic.send(key=key, value=value, headers=headers)
 
     async def handle_batch(events: Sequence[faust.EventT]) -> None:
         records = [

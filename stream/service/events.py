@@ -26,6 +26,7 @@ from stream.service.vocabulary import LABELS, MODALITIES, Modality
 __all__ = [
     "LABELS",
     "MODALITIES",
+    "SCHEMA_VERSION",
     "DeadLetter",
     "Post",
     "PostRejected",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 IMAGE_FORMATS: Final = ("PNG", "JPEG")
+
+# The version of the published output contract (docs/contract.md, docs/schemas/): MAJOR.MINOR. Within a major
+# version changes are additive only (a new optional field bumps MINOR); consumers ignore fields they do not know.
+SCHEMA_VERSION: Final = "1.0"
 
 
 
@@ -233,6 +238,7 @@ class SentimentEvent:
     emit_ts: float
     stages: dict[str, float] = field(default_factory=dict)
     flags: tuple[str, ...] = ()
+    schema_version: str = SCHEMA_VERSION
 
     @property
     def score(self) -> float:
@@ -258,6 +264,7 @@ class SentimentEvent:
             "latency_s": self.latency_s,
             "stages": dict(self.stages),
             "flags": list(self.flags),
+            "schema_version": self.schema_version,
         }
 
     def encode(self) -> bytes:
@@ -280,6 +287,7 @@ def decode_sentiment(raw: bytes) -> SentimentEvent:
         emit_ts=float(d["emit_ts"]),
         stages={k: float(v) for k, v in d.get("stages", {}).items()},
         flags=tuple(d.get("flags", ())),
+        schema_version=str(d.get("schema_version", "0")),
     )
 
 
@@ -296,6 +304,7 @@ class DeadLetter:
     partition: int | None = None
     offset: int | None = None
     truncated: bool = False  # value cut to fit the broker's message size limit
+    schema_version: str = SCHEMA_VERSION
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -309,6 +318,7 @@ class DeadLetter:
                 "partition": self.partition,
                 "offset": self.offset,
                 "truncated": self.truncated,
+                "schema_version": self.schema_version,
             },
             use_bin_type=True,
         )
@@ -326,4 +336,5 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
         partition=d.get("partition"),
         offset=d.get("offset"),
         truncated=bool(d.get("truncated", False)),
+        schema_version=str(d.get("schema_version", "0")),
     )

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from stream.service.errors import PostRejected
+from stream.service.events import SCHEMA_VERSION
 from stream.service.feature_queue import FeatureQueue, QueueStats
 from stream.service.manifest import Manifest
 from stream.service.metrics import Metrics
@@ -27,17 +28,30 @@ from stream.service.scoring import BatchOutcome, InputRecord, PostScorer
 from stream.service.settings import Settings
 from stream.service.vocabulary import MODALITIES
 
-__all__ = ["OutputKind", "ScoringService", "Sender"]
+__all__ = ["CONTENT_TYPE", "Headers", "OutputKind", "ScoringService", "Sender", "output_headers"]
 
 log = logging.getLogger(__name__)
 
 OutputKind = Literal["sentiment", "dead_letter"]
+Headers = list[tuple[str, bytes]]
+CONTENT_TYPE = "application/msgpack"
+
+
+def output_headers(model_version: str) -> Headers:
+    """The Kafka headers of every output (docs/contract.md): a consumer can route on them without decoding."""
+    return [
+        ("content-type", CONTENT_TYPE.encode()),
+        ("schema-version", SCHEMA_VERSION.encode()),
+        ("model-version", model_version.encode()),
+    ]
 
 
 class Sender(Protocol):
     """Produce one output; returns once it is queued, with an awaitable that resolves when the broker acks."""
 
-    def __call__(self, kind: OutputKind, key: bytes | None, value: bytes) -> Awaitable[Awaitable[Any]]: ...
+    def __call__(
+        self, kind: OutputKind, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> Awaitable[Awaitable[Any]]: ...
 
 
 class ScoringService:
@@ -52,6 +66,7 @@ class ScoringService:
         # One thread: batches are sequential per agent, and ORT already uses intra-op threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self.positions: dict[tuple[str, int], int] = {}
+        self.headers = output_headers(manifest.version)
         for name, session in self.scorer.sessions.items():
             metrics.set_onnx_session(name, settings.providers, session.provider)
 
@@ -112,8 +127,9 @@ class ScoringService:
         # the emit time is when the event leaves, and the latency metric observes that same value
         emit_ts = time.time()
         outcome.events = [dataclasses.replace(ev, emit_ts=emit_ts) for ev in outcome.events]
-        pending = [await send("sentiment", ev.id.encode(), ev.encode()) for ev in outcome.events]
-        pending += [await send("dead_letter", dl.key, dl.encode()) for dl in outcome.dead_letters]
+        headers = self.headers
+        pending = [await send("sentiment", ev.id.encode(), ev.encode(), headers) for ev in outcome.events]
+        pending += [await send("dead_letter", dl.key, dl.encode(), headers) for dl in outcome.dead_letters]
         # Wait for the broker before the batch is acked: a crash now means redelivery, not loss.
         await asyncio.gather(*pending)
         return time.perf_counter() - t0
