@@ -22,6 +22,7 @@ from aiohttp import web
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.supervisors import CrashingSupervisor
 
+from stream.service.kafka_sensor import KafkaClientSensor
 from stream.service.manifest import Manifest
 from stream.service.metrics import get_metrics, start_metrics_server
 from stream.service.processing import Headers, OutputKind, ScoringService
@@ -82,7 +83,10 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         stream_wait_empty=True,
         producer_acks=-1,
         producer_linger=0.005,
+        producer_max_request_size=settings.max_message_bytes,  # a post at the image limit fits (settings.py)
+        consumer_max_fetch_size=settings.max_message_bytes,
     )
+    app.sensors.add(KafkaClientSensor(metrics))  # rebalances, commit latency, produce errors/retries
 
     app.transport.Consumer = _short_fetch_consumer(settings.fetch_max_wait_s)  # type: ignore[misc]
 
@@ -105,6 +109,10 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
     @app.task
     async def seed_queue() -> None:
         await service.start()
+
+    @app.timer(interval=settings.drift_interval_s)  # drift gauges (stream/service/drift.py)
+    async def update_drift() -> None:
+        await service.update_drift()
 
     @app.agent(posts_topic, supervisor_strategy=CrashingSupervisor)
     async def score_posts(stream: Any) -> None:

@@ -59,18 +59,21 @@ STAGES: Final = (
 LATENCY_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _QUALITY_BUCKETS: Final = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+_REBALANCE_BUCKETS_S: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 # Family names as they appear in the exposition (counters carry `_total`; histograms add
 # `_bucket/_sum/_count` series under the same family name).
 METRIC_NAMES: Final = (
+    "sentiment_build_info",
+    "sentiment_latency_slo_seconds",
     "sentiment_events_total",
     "sentiment_dead_letters_total",
     "sentiment_e2e_latency_seconds",
     "sentiment_stage_latency_seconds",
-    "sentiment_batch_size",
-    "sentiment_missing_modalities_total",
+    "sentiment_batch_size_posts",
+    "sentiment_missing_pattern_posts_total",
     "sentiment_recovered_modalities_total",
-    "sentiment_modality_quality",
+    "sentiment_modality_quality_ratio",
     "sentiment_feature_queue_length",
     "sentiment_redis_errors_total",
     "sentiment_queue_degraded_events_total",
@@ -78,6 +81,18 @@ METRIC_NAMES: Final = (
     "sentiment_onnx_session_info",
     "sentiment_last_processed_timestamp_seconds",
     "sentiment_consumer_lag_messages",
+    # Kafka client (stream/service/kafka_sensor.py: a Faust sensor and aiokafka's retry log)
+    "sentiment_rebalances_total",
+    "sentiment_rebalance_duration_seconds",
+    "sentiment_commit_latency_seconds",
+    "sentiment_produced_messages_total",
+    "sentiment_produce_errors_total",
+    "sentiment_produce_retries_total",
+    # Drift of the live DRF queue and the input mix (stream/service/drift.py)
+    "sentiment_queue_mean_shift_stddevs",
+    "sentiment_queue_variance_ratio",
+    "sentiment_missing_pattern_share_ratio",
+    "sentiment_quality_mean_ratio",
 )
 
 
@@ -104,6 +119,18 @@ class Metrics:
             ProcessCollector(registry=self.registry)
         r = self.registry
         buckets = latency_buckets(settings.latency_slo_s)
+        self.build_info = Gauge(
+            "sentiment_build_info",
+            "1, labelled with the package version and the served model (version, recovery, text encoder, provider).",
+            ["version", "model_version", "recovery", "text_encoder", "provider"],
+            registry=r,
+        )
+        self.latency_slo = Gauge(
+            "sentiment_latency_slo_seconds",
+            "The end-to-end latency objective (SENTIMENT_LATENCY_SLO_S); alerts and dashboard compare against it.",
+            registry=r,
+        )
+        self.latency_slo.set(settings.latency_slo_s)
         self.events = Counter(
             "sentiment_events", "Posts handled, by outcome (scored | dead_letter).", ["outcome"], registry=r
         )
@@ -127,12 +154,12 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "sentiment_batch_size", "Posts per micro-batch.", buckets=_BATCH_BUCKETS, registry=r
+            "sentiment_batch_size_posts", "Posts per micro-batch.", buckets=_BATCH_BUCKETS, registry=r
         )
-        self.missing_modalities = Counter(
-            "sentiment_missing_modalities",
-            "Modalities absent from a scored post, by modality.",
-            ["modality"],
+        self.missing_pattern = Counter(
+            "sentiment_missing_pattern_posts",
+            "Scored posts by which modalities were missing (none | image | transcript | image+transcript | ...).",
+            ["missing"],
             registry=r,
         )
         self.recovered_modalities = Counter(
@@ -142,7 +169,7 @@ class Metrics:
             registry=r,
         )
         self.quality = Histogram(
-            "sentiment_modality_quality",
+            "sentiment_modality_quality_ratio",
             "DRF quality weight (0..1) of each present modality.",
             ["modality"],
             buckets=_QUALITY_BUCKETS,
@@ -189,8 +216,67 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        # Kafka client: a Faust sensor (stream/service/kafka_sensor.py) writes these.
+        self.rebalances = Counter(
+            "sentiment_rebalances", "Consumer-group rebalances this worker took part in.", registry=r
+        )
+        self.rebalance_duration = Histogram(
+            "sentiment_rebalance_duration_seconds",
+            "Time from a rebalance starting to this worker consuming again.",
+            buckets=_REBALANCE_BUCKETS_S,
+            registry=r,
+        )
+        self.commit_latency = Histogram(
+            "sentiment_commit_latency_seconds", "Time an offset commit takes.", buckets=buckets, registry=r
+        )
+        self.produced = Counter(
+            "sentiment_produced_messages", "Records acknowledged by the broker, by topic.", ["topic"], registry=r
+        )
+        self.produce_errors = Counter(
+            "sentiment_produce_errors",
+            "Records the producer failed to deliver (after its retries), by topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.produce_retries = Counter(
+            "sentiment_produce_retries",
+            "Produce requests the Kafka client retried after a retriable broker or network error.",
+            registry=r,
+        )
+        # Drift (stream/service/drift.py), refreshed on a timer.
+        self.queue_mean_shift = Gauge(
+            "sentiment_queue_mean_shift_stddevs",
+            "RMS over dimensions of (live queue mean - training queue mean) / training std, by modality.",
+            ["modality"],
+            registry=r,
+        )
+        self.queue_variance_ratio = Gauge(
+            "sentiment_queue_variance_ratio",
+            "Geometric mean over dimensions of live queue variance / training queue variance, by modality.",
+            ["modality"],
+            registry=r,
+        )
+        self.missing_pattern_share = Gauge(
+            "sentiment_missing_pattern_share_ratio",
+            "Share of the last scored posts (SENTIMENT_DRIFT_WINDOW_POSTS) by missing pattern.",
+            ["missing"],
+            registry=r,
+        )
+        self.quality_mean = Gauge(
+            "sentiment_quality_mean_ratio",
+            "Mean DRF quality weight of the last scored posts that carried the modality, by modality.",
+            ["modality"],
+            registry=r,
+        )
         self._onnx_labels: dict[str, tuple[str, str, str]] = {}
         self._lag_labels: set[tuple[str, str]] = set()
+
+    def set_build_info(
+        self, *, version: str, model_version: str, recovery: str, text_encoder: str, provider: str
+    ) -> None:
+        """Set ``sentiment_build_info`` = 1 for this build and served model (the only series of the family)."""
+        self.build_info.clear()
+        self.build_info.labels(version, model_version, recovery, text_encoder, provider).set(1)
 
     def set_onnx_session(self, model: str, requested: str, provider: str) -> None:
         """Record which provider a model's session obtained, replacing any earlier record for ``model``."""

@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from stream import __version__
+from stream.service.drift import DriftMonitor, missing_pattern
 from stream.service.errors import PostRejected
 from stream.service.events import SCHEMA_VERSION
 from stream.service.feature_queue import FeatureQueue, QueueStats
@@ -69,6 +71,16 @@ class ScoringService:
         self.headers = output_headers(manifest.version)
         for name, session in self.scorer.sessions.items():
             metrics.set_onnx_session(name, settings.providers, session.provider)
+        metrics.set_build_info(
+            version=__version__,
+            model_version=manifest.version,
+            recovery=self.scorer.recovery,
+            text_encoder=settings.text_encoder,
+            provider=self.scorer.head_session.provider,
+        )
+        self.drift = DriftMonitor(
+            metrics, self.scorer.fallback_mean, self.scorer.fallback_var, window=settings.drift_window_posts
+        )
 
     async def start(self) -> None:
         await self.queue.seed(self.snapshot)
@@ -147,8 +159,8 @@ class ScoringService:
         for ev in outcome.events:
             m.events.labels("scored").inc()
             m.e2e_latency.observe(max(0.0, ev.latency_s))
+            m.missing_pattern.labels(missing_pattern(ev.present)).inc()
             for modality in ev.recovered:
-                m.missing_modalities.labels(modality).inc()
                 m.recovered_modalities.labels(modality, ev.recovery).inc()
             for modality, q in ev.quality.items():
                 m.quality.labels(modality).observe(q)
@@ -159,4 +171,10 @@ class ScoringService:
             m.dead_letters.labels(dl.reason).inc()
         for modality in MODALITIES:
             m.queue_length.labels(modality).set(self.queue.lengths.get(modality, 0))
+        self.drift.observe(outcome.events)
         m.mark_processed()
+
+    async def update_drift(self) -> None:
+        """Refresh the drift gauges from the live queue's moments (one cached Redis read; never raises)."""
+        stats = await self.queue.stats()
+        self.drift.update(stats.mean, stats.var)

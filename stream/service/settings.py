@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=25_000_000, ge=1)
     # A dead letter keeps the original bytes up to this size, so it fits the broker's 1 MB default limit.
     max_dead_letter_bytes: int = Field(default=900_000, ge=1024)
+    # The largest record: a post at every payload limit fits (max_post_bytes). Broker message.max.bytes, topic
+    # max.message.bytes, producer max_request_size and consumer fetch sizes are all set from it (compose, k8s,
+    # the worker; deploy/README.md, "Message size").
+    max_message_bytes: int = Field(default=6_291_456, ge=1_048_576)
 
     # Models and inference
     model_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "model")
@@ -82,6 +86,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     latency_slo_s: float = Field(default=0.25, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)  # SIGTERM: finish the batch, then exit by this
+    drift_interval_s: float = Field(default=15.0, gt=0)  # how often the drift gauges are refreshed (drift.py)
+    drift_window_posts: int = Field(default=1000, ge=1)  # posts behind the pattern-share and mean-quality gauges
+    log_format: Literal["text", "json"] = "text"  # json: one object per line with worker, partition, model
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -91,6 +98,21 @@ class Settings(BaseSettings):
             if not host or not port.isdigit():
                 raise ValueError(f"bootstrap server {server!r} is not host:port")
         return value
+
+    @property
+    def max_post_bytes(self) -> int:
+        """The largest valid post on the wire: every payload at its limit (4 UTF-8 bytes per char) + framing."""
+        chars = self.max_id_chars + self.max_text_chars + self.max_transcript_chars
+        return self.max_image_bytes + 4 * chars + 1024
+
+    @model_validator(mode="after")
+    def _a_post_at_the_limits_fits_a_message(self) -> Settings:
+        if self.max_message_bytes < self.max_post_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) is below the largest valid post ({self.max_post_bytes} "
+                "bytes at the payload limits): raise it, with the broker's message.max.bytes, or lower max_image_bytes"
+            )
+        return self
 
     def to_env(self, base: Mapping[str, str] | None = None, **overrides: object) -> dict[str, str]:
         """The environment that makes a child process read these settings (plus ``overrides``).

@@ -257,9 +257,9 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
         if line.startswith("sentiment_stage_latency_seconds_sum{"):
             stage = line.split('stage="', 1)[1].split('"', 1)[0]
             out[stage] = out.get(stage, 0.0) + float(line.split()[-1])
-        elif line.startswith("sentiment_batch_size_sum "):
+        elif line.startswith("sentiment_batch_size_posts_sum "):
             out["posts"] = float(line.split()[-1])
-        elif line.startswith("sentiment_batch_size_count "):
+        elif line.startswith("sentiment_batch_size_posts_count "):
             out["batches"] = float(line.split()[-1])
     return out
 

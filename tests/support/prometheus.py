@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,10 @@ def write_scrape_config(
     job: str = "sentiment-worker",
     scrape_interval: str = "1s",
     rule_files: Sequence[Path] = (),
+    extra_jobs: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """Write a Prometheus config scraping ``targets`` (``host:port``, path /metrics) into ``path``."""
+    """Write a Prometheus config scraping ``targets`` (``host:port``, path /metrics) into ``path``; ``extra_jobs``
+    adds more jobs (name -> targets), e.g. a stand-in kafka_exporter."""
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": scrape_interval,
@@ -98,7 +100,8 @@ def write_scrape_config(
             "scrape_timeout": scrape_interval,
         },
         "scrape_configs": [
-            {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": list(targets)}]}
+            {"job_name": name, "metrics_path": "/metrics", "static_configs": [{"targets": list(job_targets)}]}
+            for name, job_targets in {job: targets, **(extra_jobs or {})}.items()
         ],
     }
     if rule_files:
@@ -196,11 +199,14 @@ def start_prometheus(
     rule_files: Sequence[Path] = (),
     job: str = "sentiment-worker",
     ready_timeout: float = 30.0,
+    extra_jobs: Mapping[str, Sequence[str]] | None = None,
 ) -> PrometheusServer:
     """Start ``prometheus`` on a free 127.0.0.1 port scraping ``targets`` every second; wait until ready."""
     binary = require_binary("prometheus")
     workdir.mkdir(parents=True, exist_ok=True)
-    config = write_scrape_config(workdir / "prometheus.yml", targets, job=job, rule_files=rule_files)
+    config = write_scrape_config(
+        workdir / "prometheus.yml", targets, job=job, rule_files=rule_files, extra_jobs=extra_jobs
+    )
     port = free_port()
     log = (workdir / "prometheus.log").open("wb")
     process = subprocess.Popen(

@@ -57,7 +57,7 @@ def _record_one_batch(m: Metrics) -> None:
     m.e2e_latency.observe(0.12)
     m.observe_stages(dict.fromkeys(STAGES, 0.002))
     m.batch_size.observe(4)
-    m.missing_modalities.labels("image").inc(2)
+    m.missing_pattern.labels("image").inc(2)
     m.recovered_modalities.labels("image", "fsrf").inc(2)
     m.quality.labels("text").observe(0.8)
     m.queue_length.labels("text").set(1024)
@@ -67,6 +67,17 @@ def _record_one_batch(m: Metrics) -> None:
     m.set_onnx_session("head", "cpu", "CPUExecutionProvider")
     m.mark_processed(1_700_000_000.0)
     m.set_consumer_lag("posts", 0, highwater=120, position=100)
+    m.set_build_info(version="0.1.0", model_version="abc", recovery="fsrf", text_encoder="fp32", provider="CPU")
+    m.rebalances.inc()
+    m.rebalance_duration.observe(1.5)
+    m.commit_latency.observe(0.004)
+    m.produced.labels("sentiment").inc(3)
+    m.produce_errors.labels("sentiment")
+    m.produce_retries.inc(0)
+    m.queue_mean_shift.labels("text").set(0.1)
+    m.queue_variance_ratio.labels("text").set(0.9)
+    m.missing_pattern_share.labels("none").set(1.0)
+    m.quality_mean.labels("text").set(0.8)
 
 
 def test_scrape_over_http_exposes_every_listed_metric_with_its_values(server: MetricsServer, metrics: Metrics) -> None:
@@ -152,3 +163,50 @@ def test_liveness_timestamp_is_readable_for_the_health_page(metrics: Metrics) ->
     assert metrics.last_processed_at is None
     metrics.mark_processed(1_700_000_123.5)
     assert metrics.last_processed_at == 1_700_000_123.5
+
+
+def test_build_info_is_one_series_and_the_slo_is_a_gauge(metrics: Metrics, settings: Settings) -> None:
+    metrics.set_build_info(version="0.1.0", model_version="m1", recovery="fsrf", text_encoder="fp32", provider="CPU")
+    metrics.set_build_info(version="0.1.0", model_version="m2", recovery="drf", text_encoder="int8", provider="CPU")
+    text = metrics.render().decode()
+    (info,) = _samples(text, "sentiment_build_info")
+    assert info.value == 1.0
+    assert info.labels == {"version": "0.1.0", "model_version": "m2", "recovery": "drf", "text_encoder": "int8",
+                           "provider": "CPU"}
+    assert _samples(text, "sentiment_latency_slo_seconds")[0].value == settings.latency_slo_s == 0.3
+
+
+def test_kafka_sensor_counts_rebalances_commits_and_produce_outcomes(metrics: Metrics) -> None:
+    from stream.service.kafka_sensor import KafkaClientSensor
+
+    sensor = KafkaClientSensor(metrics)
+    sensor.on_rebalance_end(None, sensor.on_rebalance_start(None))
+    sensor.on_commit_completed(None, sensor.on_commit_initiated(None))
+    state = sensor.on_send_initiated(None, "sentiment", None, 3, 40)
+    sensor.on_send_completed(None, state, None)
+    sensor.on_send_error(None, RuntimeError("broker gone"), sensor.on_send_initiated(None, "posts-dlq", None, 1, 1))
+    get = metrics.registry.get_sample_value
+    assert get("sentiment_rebalances_total") == 1
+    assert get("sentiment_rebalance_duration_seconds_count") == 1
+    assert get("sentiment_commit_latency_seconds_count") == 1
+    assert get("sentiment_produced_messages_total", {"topic": "sentiment"}) == 1
+    assert get("sentiment_produce_errors_total", {"topic": "posts-dlq"}) == 1
+
+
+async def test_produce_retries_are_counted_from_aiokafkas_retry_warnings(metrics: Metrics) -> None:
+    import logging
+
+    from stream.service.kafka_sensor import AIOKAFKA_SENDER_LOGGER, KafkaClientSensor
+
+    sensor = KafkaClientSensor(metrics)
+    await sensor.on_start()
+    log = logging.getLogger(AIOKAFKA_SENDER_LOGGER)
+    try:
+        # the two messages aiokafka's sender logs when it re-enqueues a batch
+        log.warning("Got error produce response on topic-partition %s, retrying. Error: %s", "posts-0", "NotLeader")
+        log.warning("Got error produce response: %s", "KafkaConnectionError")
+        log.warning("something else")
+    finally:
+        await sensor.on_stop()
+    log.warning("Got error produce response: %s", "after stop")
+    assert metrics.registry.get_sample_value("sentiment_produce_retries_total") == 2
