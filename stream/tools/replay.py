@@ -596,7 +596,7 @@ async def _publish(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
         linger_ms=5,
-        max_request_size=max(1 << 20, settings.max_image_bytes + (1 << 20)),
+        max_request_size=settings.max_message_bytes,  # a post at every payload limit fits (settings.py)
     )
     await producer.start()
     pending: list[tuple[int, asyncio.Future[Any]]] = []

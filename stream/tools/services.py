@@ -288,8 +288,11 @@ async def create_topics(settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        # max.message.bytes as in compose and k8s (deploy/README.md, "Message size"); Tansu enforces no
+        # limit of its own, so locally the producer's max_request_size and the consumer's fetch size bind.
+        configs = {"max.message.bytes": str(settings.max_message_bytes)}
         wanted = [
-            NewTopic(name, num_partitions=settings.partitions, replication_factor=1)
+            NewTopic(name, num_partitions=settings.partitions, replication_factor=1, topic_configs=configs)
             for name in settings.topics
             if name not in existing
         ]
