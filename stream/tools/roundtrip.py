@@ -43,7 +43,10 @@ def sample_posts(n: int, prefix: str) -> list[Post]:
 
 async def produce_posts(settings: Settings, posts: Sequence[Post], topic: str | None = None) -> None:
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5, max_request_size=settings.max_message_bytes
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        max_request_size=settings.max_message_bytes,
     )
     await producer.start()
     try:

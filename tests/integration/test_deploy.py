@@ -448,7 +448,7 @@ def test_dockerfile_builds_the_service_only_as_non_root_with_a_health_check() ->
     gpu = text[text.index("gpu)") :]
     assert gpu.index("pip uninstall -y onnxruntime") < gpu.index('pip install "${spec}"')
     assert re.search(r"^USER 10001", text, re.M)
-    assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/livez", text, re.M)
     assert json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1)) == ["sentiment-stream"]  # type: ignore[union-attr]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'gpu = \["onnxruntime-gpu==[0-9.]+"\]', pyproject), "the Dockerfile reads this pin"
@@ -500,8 +500,8 @@ def test_k8s_worker_deployment_probes_health_limits_one_cpu_and_reads_settings_f
     assert settings.metrics_host == "0.0.0.0" and settings.web_host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": settings.metrics_port, "web": settings.web_port}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "web"}
+    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "web"}
     resources = container["resources"]
     assert str(resources["requests"]["cpu"]) == str(resources["limits"]["cpu"]) == "1"
     assert settings.intra_op_threads == 1
@@ -533,6 +533,132 @@ def test_k8s_hpa_never_scales_past_the_partitions() -> None:
     partitions = int(k8s_object("ConfigMap", "sentiment-worker")["data"]["SENTIMENT_PARTITIONS"])
     assert hpa["spec"]["maxReplicas"] <= partitions
     assert k8s_object("Deployment", "sentiment-worker")["spec"]["replicas"] <= partitions
+
+
+K8S_VERSION = "1.33.0"  # the oldest Kubernetes these manifests target; kubernetes-validate ships its schemas
+CRD_KINDS = frozenset({"Kustomization", "ScaledObject", "ServiceMonitor", "PrometheusRule"})
+
+
+def all_k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
+    """Every manifest under deploy/k8s, overlays included."""
+    return [
+        (path, doc)
+        for path in sorted(K8S.rglob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and "$patch" not in doc
+    ]
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schemas() -> None:
+    """kubeconform's check without kubeconform: the JSON schemas inside the kubernetes-validate wheel (strict:
+    unknown fields fail), no download. Custom resources are checked field by field in the tests below."""
+    import kubernetes_validate
+
+    checked = []
+    for path, doc in all_k8s_documents():
+        if doc["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            name = f"{doc['kind']} {doc['metadata']['name']}"
+            pytest.fail(f"{path.relative_to(ROOT)}: {name}: {exc.message} at {list(exc.path)}")
+        checked.append(f"{doc['kind']}/{doc['metadata']['name']}")
+    print(f"\nvalid against Kubernetes {K8S_VERSION} (strict): {', '.join(checked)}")
+    assert {"Deployment/sentiment-worker", "Job/sentiment-topics", "HorizontalPodAutoscaler/sentiment-worker"} <= set(
+        checked
+    )
+
+
+def test_compose_file_validates_against_the_compose_spec_schema() -> None:
+    """`docker compose config` without an engine: the compose-spec JSON schema vendored in check-jsonschema."""
+    import importlib.util
+
+    import jsonschema
+
+    # Located, not imported: only the schema file of the package is used.
+    spec = importlib.util.find_spec("check_jsonschema")
+    assert spec and spec.submodule_search_locations, "pip install the dev extra (check-jsonschema)"
+    package = Path(next(iter(spec.submodule_search_locations)))
+    schema = json.loads((package / "builtin_schemas" / "vendor" / "compose-spec.json").read_text())
+    jsonschema.validate(load_compose(), schema)
+    # ... and the same with every ${VAR:-default} replaced by its default, as compose would interpolate it
+    defaults = re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", r"\2", COMPOSE.read_text())
+    jsonschema.validate(yaml.safe_load(defaults), schema)
+
+
+def test_topics_job_creates_every_topic_with_the_partitions_and_message_size_of_the_configmap() -> None:
+    job = k8s_object("Job", "sentiment-topics")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == load_compose()["services"]["kafka-init"]["image"]
+    env = {e["name"]: e.get("valueFrom", {}).get("configMapKeyRef", {}).get("key") for e in container["env"]}
+    config = k8s_object("ConfigMap", "sentiment-worker")["data"]
+    for var, key in env.items():
+        assert key is None or key in config, f"{var}: configmap has no {key}"
+    assert env["PARTITIONS"] == "SENTIMENT_PARTITIONS" and env["MAX_MESSAGE_BYTES"] == "SENTIMENT_MAX_MESSAGE_BYTES"
+    script = "\n".join(container["args"])
+    for var in ("TOPIC_POSTS", "TOPIC_SENTIMENT", "TOPIC_DLQ"):
+        assert f'"${var}"' in script
+    assert '--partitions "$PARTITIONS"' in script and 'max.message.bytes="$MAX_MESSAGE_BYTES"' in script
+    assert "--if-not-exists" in script
+
+
+def test_message_size_chain_fits_a_post_at_every_payload_limit() -> None:
+    """Broker, topics, producer and consumer are all set from one number that a post at the limits fits."""
+    services = load_compose()["services"]
+    default = re.compile(r"\$\{MAX_MESSAGE_BYTES:-(\d+)\}")
+    compose_values = {
+        "broker message.max.bytes": services["kafka"]["environment"]["KAFKA_MESSAGE_MAX_BYTES"],
+        "broker replica.fetch.max.bytes": services["kafka"]["environment"]["KAFKA_REPLICA_FETCH_MAX_BYTES"],
+        "topics max.message.bytes": services["kafka-init"]["environment"]["MAX_MESSAGE_BYTES"],
+        "worker": services["worker"]["environment"]["SENTIMENT_MAX_MESSAGE_BYTES"],
+    }
+    sizes = {name: int(default.fullmatch(v).group(1)) for name, v in compose_values.items()}  # type: ignore[union-attr]
+    sizes["k8s configmap"] = int(k8s_object("ConfigMap", "sentiment-worker")["data"]["SENTIMENT_MAX_MESSAGE_BYTES"])
+    sizes["settings default"] = DEFAULTS.max_message_bytes
+    assert len(set(sizes.values())) == 1, sizes
+    assert "max.message.bytes" in "\n".join(services["kafka-init"]["command"])
+    assert DEFAULTS.max_post_bytes <= DEFAULTS.max_message_bytes
+    assert DEFAULTS.max_image_bytes < DEFAULTS.max_post_bytes
+    with pytest.raises(ValueError, match="below the largest valid post"):
+        Settings(max_image_bytes=7_000_000)
+
+
+def test_keda_overlay_scales_on_lag_and_cpu_within_the_partitions_instead_of_the_hpa() -> None:
+    overlay = yaml.safe_load((K8S / "keda" / "kustomization.yaml").read_text())
+    assert ".." in overlay["resources"] and "scaledobject.yaml" in overlay["resources"]
+    (patch,) = overlay["patches"]
+    deleted = yaml.safe_load(patch["patch"])
+    assert deleted["$patch"] == "delete" and deleted["kind"] == "HorizontalPodAutoscaler"
+    assert deleted["metadata"]["name"] == k8s_object("HorizontalPodAutoscaler", "sentiment-worker")["metadata"]["name"]
+    scaled = yaml.safe_load((K8S / "keda" / "scaledobject.yaml").read_text())
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == k8s_object("Deployment", "sentiment-worker")["metadata"]["name"]
+    config = k8s_object("ConfigMap", "sentiment-worker")["data"]
+    spec = scaled["spec"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= int(config["SENTIMENT_PARTITIONS"])
+    triggers = {t["type"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"kafka", "cpu"}
+    kafka = triggers["kafka"]["metadata"]
+    assert kafka["bootstrapServers"] == config["SENTIMENT_BOOTSTRAP_SERVERS"]
+    assert kafka["consumerGroup"] == config["SENTIMENT_CONSUMER_GROUP"]
+    assert kafka["topic"] == config["SENTIMENT_TOPIC_POSTS"]
+    assert int(kafka["lagThreshold"]) > 0 and kafka["allowIdleConsumers"] == "false"
+
+
+def test_kube_prometheus_overlay_scrapes_the_metrics_service_and_carries_the_alert_rules() -> None:
+    overlay = yaml.safe_load((K8S / "kube-prometheus" / "kustomization.yaml").read_text())
+    assert set(overlay["resources"]) == {"servicemonitor.yaml", "prometheusrule.yaml"}
+    monitor = yaml.safe_load((K8S / "kube-prometheus" / "servicemonitor.yaml").read_text())
+    service = k8s_object("Service", "sentiment-worker-metrics")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+    # the job label becomes the Service's app.kubernetes.io/name, which is the job alerts.yml matches
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == WORKER_JOB
+    rule = yaml.safe_load((K8S / "kube-prometheus" / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text()), "run `python scripts/prometheusrule.py`"
 
 
 # --- promtool ------------------------------------------------------------------------------------------

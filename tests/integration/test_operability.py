@@ -94,7 +94,8 @@ def test_image_at_the_limit_headers_metrics_and_drift(
         worker.wait_ready(timeout=120)
 
         # 1. a post whose image is exactly at the limit, through the real broker and worker
-        big = Post(id=f"big-{uuid.uuid4().hex[:6]}", text="look at this", image=png_of_exactly(settings.max_image_bytes))
+        image = png_of_exactly(settings.max_image_bytes)
+        big = Post(id=f"big-{uuid.uuid4().hex[:6]}", text="look at this", image=image)
         raw = encode_post(big)
         assert decode_post(raw, settings=settings).image == big.image
         print(f"\nimage-at-limit post: image {len(big.image or b'')} bytes, message {len(raw)} bytes, "

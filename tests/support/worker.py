@@ -24,7 +24,10 @@ __all__ = ["Collected", "WorkerProcess", "collect", "free_port", "produce"]
 async def produce(settings: Settings, messages: Sequence[tuple[bytes | None, bytes]], rate: float = 0) -> None:
     """Send (key, value) pairs to the posts topic; ``rate`` > 0 spaces them out (posts/s)."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5, max_request_size=settings.max_message_bytes
+        bootstrap_servers=settings.bootstrap_servers,
+        acks="all",
+        linger_ms=5,
+        max_request_size=settings.max_message_bytes,
     )
     await producer.start()
     try:
