@@ -415,23 +415,14 @@ def build_queue(model: nn.Module, train: FeatureTable) -> dict[str, np.ndarray]:
 
 
 class _Progress:
-    """Epoch progress with rich (falls back to log lines)."""
+    """Epoch progress with tqdm on stderr, the project's one progress library (falls back to log lines)."""
 
     def __init__(self, enabled: bool, total: int, name: str) -> None:
         self.progress: Any = None
         if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+            from tqdm import tqdm
 
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                transient=False,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(name, total=total, info="")
+            self.progress = tqdm(total=total, desc=name, unit="epoch", dynamic_ncols=True, leave=True)
 
     def update(self, epoch: int, record: dict[str, float]) -> None:
         info = (
@@ -439,13 +430,14 @@ class _Progress:
             f"val clean {record['val_clean_macro_f1']:.3f} disrupted {record['val_disrupted_macro_f1']:.3f}"
         )
         if self.progress is not None:
-            self.progress.update(self.task, completed=epoch, info=info)
+            self.progress.set_postfix_str(info, refresh=False)
+            self.progress.update(epoch - self.progress.n)
         else:
             log.debug("epoch %d %s", epoch, info)
 
     def close(self) -> None:
         if self.progress is not None:
-            self.progress.stop()
+            self.progress.close()
 
 
 def _progress(enabled: bool, total: int, name: str) -> _Progress:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream.service.app", "run the Faust streaming worker"),
     "record": ("stream.tools.recording", "record a topic into a replayable file"),
     "replay": ("stream.tools.replay", "replay a recording with injected faults and write a robustness report"),
+    "settings": ("stream.tools.show_settings", "print the effective settings (environment, .env, defaults), masked"),
     "schemas": ("stream.tools.schemas", "write the JSON Schema of every topic to docs/schemas/ (--check: CI)"),
     "bench": ("stream.tools.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
 }
@@ -37,8 +38,26 @@ def _requested(argv: Sequence[str]) -> set[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command. Errors go to stderr with a non-zero exit: 2 for a configuration or service error (bad
+    settings, a port in use), 1 for anything unexpected (with its traceback)."""
+    from pydantic import ValidationError
+
+    from stream import __version__
+    from stream.service.errors import ServiceError
+
+    try:
+        return _main(argv, __version__)
+    except (ServiceError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str] | None, version: str) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="sentiment-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sentiment-stream {version}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = _requested(args_list)
@@ -48,10 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in wanted:
             importlib.import_module(module_name).add_arguments(command)
     args = parser.parse_args(args_list)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from stream.service.logs import configure_logging
+    from stream.service.settings import get_settings
+
+    configure_logging(get_settings(), logging.DEBUG if args.verbose else logging.INFO)
     module = importlib.import_module(args._module)
     return int(module.run(args) or 0)
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Sequence
@@ -23,6 +24,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.supervisors import CrashingSupervisor
 
 from stream.service.kafka_sensor import KafkaClientSensor
+from stream.service.logs import logging_config, set_log_context
 from stream.service.manifest import Manifest
 from stream.service.metrics import get_metrics, start_metrics_server
 from stream.service.processing import Headers, OutputKind, ScoringService
@@ -202,12 +204,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = Manifest.load(settings.model_dir)
     except Exception as exc:  # a bad model is a start-up error with a message, never a crash mid-stream
-        print(f"error: cannot load the model from {settings.model_dir}: {exc}")
+        print(f"error: cannot load the model from {settings.model_dir}: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, manifest)
     server = start_metrics_server(settings, get_metrics())
     log.info("metrics on %s; health on http://%s:%d/health", server.url, settings.web_host, settings.web_port)
-    worker = _Worker(app, loglevel=args.loglevel, quiet=True)
+    set_log_context(model_version=manifest.version)
+    # Faust configures logging itself: hand it the project's config (text or JSON, on stderr).
+    config = logging_config(settings, args.loglevel.upper())
+    worker = _Worker(app, loglevel=args.loglevel, quiet=True, logging_config=config)
     worker.shutdown_timeout_s = settings.shutdown_timeout_s
     try:
         worker.execute_from_commandline()

@@ -114,13 +114,15 @@ class ScoringService:
         except Exception:
             # Something in the batch broke the model path: score posts one by one so only the culprit
             # goes to the dead-letter topic and its neighbours are still scored.
-            log.exception("batch of %d failed; retrying post by post", len(records))
+            partitions = sorted({(r.topic, r.partition) for r in records if r.partition is not None})
+            log.exception("batch of %d failed; retrying post by post", len(records), extra={"partitions": partitions})
             outcome = BatchOutcome()
             for rec in records:
                 try:
                     one = await loop.run_in_executor(self.executor, self.scorer.score, [rec], stats)
                 except Exception as exc:
-                    log.exception("post at %s/%s offset %s failed", rec.topic, rec.partition, rec.offset)
+                    where = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
+                    log.exception("post at %s/%s offset %s failed", rec.topic, rec.partition, rec.offset, extra=where)
                     one = BatchOutcome(
                         dead_letters=[self.scorer.dead_letter(rec, PostRejected("internal_error", type(exc).__name__))]
                     )

@@ -30,7 +30,10 @@ def _default_cache_dir() -> Path:
 class Settings(BaseSettings):
     """Typed configuration; every field can be set as ``SENTIMENT_<FIELD>`` in the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="SENTIMENT_", frozen=True, extra="ignore")
+    # A .env file in the working directory is read too (environment variables win over it).
+    model_config = SettingsConfigDict(
+        env_prefix="SENTIMENT_", env_file=".env", env_file_encoding="utf-8", frozen=True, extra="ignore"
+    )
 
     # Broker
     bootstrap_servers: str = "127.0.0.1:9092"

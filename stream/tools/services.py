@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         statuses = getattr(stack, args.action)()
     except ServiceError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([asdict(s) for s in statuses], indent=2))
@@ -321,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
             state = "running" if s.running else "stopped"
             owner = f"started by us, pid {s.pid}" if s.managed else ("already running" if s.running else "")
             print(f"{s.name:7s} {s.address:22s} {state:8s} {owner}")
-    if args.action == "start":
-        return 0 if all(s.running for s in statuses) else 1
+    if args.action in ("start", "status"):
+        # non-zero when a service is down, so `sentiment-stream services status && ...` and probes can rely on it
+        down = [s.name for s in statuses if not s.running]
+        if down:
+            print(f"error: not running: {', '.join(down)}", file=sys.stderr)
+        return 1 if down else 0
     return 0

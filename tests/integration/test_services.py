@@ -67,8 +67,10 @@ def test_start_status_stop_leaves_no_process_and_no_port(isolated_env: dict[str,
     # A zombie left for a non-reaping init counts as gone: it holds no port and runs nothing.
     assert not any(pid_running(pid) for pid in pids)
     assert _cli(isolated_env, "stop").returncode == 0  # idempotent
-    status = json.loads(_cli(isolated_env, "status", "--json").stdout)
-    assert not any(s["running"] for s in status)
+    stopped_status = _cli(isolated_env, "status", "--json")
+    assert not any(s["running"] for s in json.loads(stopped_status.stdout))
+    # a service down is a non-zero exit, with the reason on stderr
+    assert stopped_status.returncode == 1 and "not running: broker, redis" in stopped_status.stderr
 
 
 def test_start_refuses_a_broker_port_taken_by_something_else(isolated_env: dict[str, str]) -> None:
@@ -79,7 +81,7 @@ def test_start_refuses_a_broker_port_taken_by_something_else(isolated_env: dict[
         isolated_env["SENTIMENT_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
         result = _cli(isolated_env, "start")
     assert result.returncode == 2
-    assert "already in use by a process this project did not start" in result.stdout
+    assert "already in use by a process this project did not start" in result.stderr
     _cli(isolated_env, "stop")
 
 
@@ -92,6 +94,6 @@ def test_start_refuses_a_redis_port_taken_by_something_else(isolated_env: dict[s
         result = _cli(isolated_env, "start")
     try:
         assert result.returncode == 2
-        assert "not Redis" in result.stdout
+        assert "not Redis" in result.stderr
     finally:
         _cli(isolated_env, "stop")
