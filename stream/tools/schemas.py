@@ -223,8 +223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        problems = check(args.out) if args.check else []
+    except ValueError as exc:  # a field without a description
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.check:
-        problems = check(args.out)
         for problem in problems:
             print(f"error: {problem}; run `sentiment-stream schemas` and commit the result", file=sys.stderr)
         return 1 if problems else 0
