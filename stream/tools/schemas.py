@@ -224,14 +224,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        problems = check(args.out) if args.check else []
+        if args.check:
+            problems = check(args.out)
+            for problem in problems:
+                print(f"error: {problem}; run `sentiment-stream schemas` and commit the result", file=sys.stderr)
+            return 1 if problems else 0
+        for path in write(args.out):
+            print(path)
     except ValueError as exc:  # a field without a description
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.check:
-        for problem in problems:
-            print(f"error: {problem}; run `sentiment-stream schemas` and commit the result", file=sys.stderr)
-        return 1 if problems else 0
-    for path in write(args.out):
-        print(path)
     return 0
