@@ -60,6 +60,8 @@ def test_the_consumer_example_deduplicates_by_key_against_the_local_broker(fresh
     print(result.stdout)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["id"] for line in lines] == ["post-0", "post-1", "post-2"]  # the duplicate and the v2 record skipped
+    # keys spread over partitions, so only the order within a key holds: the duplicate and the v2 record skipped
+    assert sorted(line["id"] for line in lines) == ["post-0", "post-1", "post-2"]
     assert {line["model"] for line in lines} == {"model-v1"}
-    assert lines[0] == {"id": "post-0", "label": "positive", "score": round(events[0].score, 3), "model": "model-v1"}
+    (first,) = [line for line in lines if line["id"] == "post-0"]
+    assert first == {"id": "post-0", "label": "positive", "score": round(events[0].score, 3), "model": "model-v1"}
