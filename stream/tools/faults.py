@@ -16,6 +16,7 @@ and evaluation, and ``models/disruptions.py`` builds the evaluation protocol on 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Mapping, Sequence
 from typing import Final, Literal
 
@@ -26,18 +27,27 @@ from stream.service.vocabulary import MODALITIES
 
 __all__ = [
     "CORRUPTION_RANGE",
+    "IMAGE_CORRUPTIONS",
     "MASK_TOKEN",
+    "TEXT_CORRUPTIONS",
     "ImageCorruption",
+    "TextCorruption",
+    "asr_words",
     "blur",
     "corrupt_image",
     "corrupt_text",
+    "crop",
+    "delete_words",
     "discard",
     "downscale",
+    "jpeg_recompress",
     "mask_pixels",
     "mask_words",
     "pixel_mask",
     "post_rng",
     "sample_rate",
+    "truncate_words",
+    "typo_words",
 ]
 
 # The papers' protocol (docs/data.md): content-level corruption masks 40–80 % of a modality's content.
@@ -45,7 +55,8 @@ CORRUPTION_RANGE: Final = (0.4, 0.8)
 # MiniLM's tokenizer maps the literal "[MASK]" to its mask token, so a masked word costs one token.
 MASK_TOKEN: Final = "[MASK]"
 
-ImageCorruption = Literal["mask", "blur", "downscale"]
+IMAGE_CORRUPTIONS: Final = ("mask", "blur", "downscale", "jpeg", "crop")
+ImageCorruption = Literal["mask", "blur", "downscale", "jpeg", "crop"]
 
 
 def post_rng(seed: int, key: str) -> np.random.Generator:
@@ -79,9 +90,147 @@ def mask_words(text: str, rate: float, rng: np.random.Generator, mask_token: str
     return " ".join(words)
 
 
-def corrupt_text(text: str, rate: float, rng: np.random.Generator) -> str:
-    """Content-level corruption of a text or transcript: :func:`mask_words` at ``rate``."""
-    return mask_words(text, rate, rng)
+def delete_words(text: str, rate: float, rng: np.random.Generator) -> str:
+    """Remove ``round(rate * n_words)`` words chosen at random (words lost, no marker left behind)."""
+    _check_rate(rate)
+    words = text.split()
+    k = round(rate * len(words))
+    if k == 0:
+        return text
+    gone = {int(i) for i in rng.choice(len(words), size=k, replace=False)}
+    return " ".join(w for i, w in enumerate(words) if i not in gone)
+
+
+def truncate_words(text: str, rate: float, rng: np.random.Generator) -> str:
+    """Keep the first ``n_words - round(rate * n_words)`` words: a post or transcript cut off at the end."""
+    _check_rate(rate)
+    words = text.split()
+    k = round(rate * len(words))
+    return text if k == 0 else " ".join(words[: len(words) - k])
+
+
+# Neighbouring keys of a QWERTY keyboard, for substitution typos.
+_KEYBOARD: Final = {
+    row[i]: row[max(0, i - 1) : i] + row[i + 1 : i + 2]
+    for row in ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+    for i in range(len(row))
+}
+
+
+def _typo(word: str, rng: np.random.Generator) -> str:
+    """One character-level edit: swap two neighbours, drop, double, or hit a neighbouring key."""
+    if len(word) < 2:
+        return word + word
+    i = int(rng.integers(len(word) - 1))
+    edit = int(rng.integers(4))
+    if edit == 0:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if edit == 1:
+        return word[:i] + word[i + 1 :]
+    if edit == 2:
+        return word[: i + 1] + word[i:]
+    near = _KEYBOARD.get(word[i].lower(), "")
+    return word if not near else word[:i] + near[int(rng.integers(len(near)))] + word[i + 1 :]
+
+
+def typo_words(text: str, rate: float, rng: np.random.Generator) -> str:
+    """Give ``round(rate * n_words)`` random words one typo each (swap, drop, double or neighbouring key)."""
+    _check_rate(rate)
+    words = text.split()
+    k = round(rate * len(words))
+    if k == 0:
+        return text
+    for i in rng.choice(len(words), size=k, replace=False):
+        words[int(i)] = _typo(words[int(i)], rng)
+    return " ".join(words)
+
+
+# Confusions a speech recogniser makes: homophones and near-homophones, both ways.
+_HOMOPHONES: Final = {
+    a: b
+    for pair in (
+        ("to", "too"),
+        ("two", "to"),
+        ("their", "there"),
+        ("there", "they're"),
+        ("your", "you're"),
+        ("its", "it's"),
+        ("hear", "here"),
+        ("no", "know"),
+        ("right", "write"),
+        ("great", "grate"),
+        ("would", "wood"),
+        ("for", "four"),
+        ("by", "buy"),
+        ("new", "knew"),
+        ("see", "sea"),
+        ("one", "won"),
+        ("weather", "whether"),
+        ("flight", "fight"),
+        ("late", "lay"),
+        ("good", "could"),
+        ("bad", "bat"),
+        ("love", "laugh"),
+        ("hate", "eight"),
+        ("happy", "hoppy"),
+        ("sad", "said"),
+        ("not", "knot"),
+        ("can't", "can"),
+        ("don't", "done"),
+        ("never", "ever"),
+        ("thanks", "tanks"),
+    )
+    for a, b in (pair, pair[::-1])
+}
+_FILLERS: Final = ("uh", "um", "the", "a", "and")
+
+
+def asr_words(text: str, rate: float, rng: np.random.Generator) -> str:
+    """ASR-like damage to ``round(rate * n_words)`` random words: a homophone, a dropped word or a filler.
+
+    Punctuation and case are lost first, as in a recogniser's raw output.
+    """
+    _check_rate(rate)
+    words = [w.strip('.,!?;:"()').lower() for w in text.split()]
+    words = [w for w in words if w] or words
+    k = round(rate * len(words))
+    if k == 0:
+        return " ".join(words) if words else text
+    out: list[str] = []
+    chosen = {int(i) for i in rng.choice(len(words), size=k, replace=False)}
+    for i, word in enumerate(words):
+        if i not in chosen:
+            out.append(word)
+        elif word in _HOMOPHONES:
+            out.append(_HOMOPHONES[word])
+        elif rng.random() < 0.5:
+            continue  # the recogniser missed the word
+        else:
+            out.append(_FILLERS[int(rng.integers(len(_FILLERS)))])
+    return " ".join(out)
+
+
+TEXT_CORRUPTIONS: Final = ("mask", "delete", "truncate", "typos", "asr")
+TextCorruption = Literal["mask", "delete", "truncate", "typos", "asr"]
+
+
+def corrupt_text(text: str, rate: float, rng: np.random.Generator, kind: TextCorruption = "mask") -> str:
+    """Content-level corruption of a text or transcript at ``rate``.
+
+    ``mask`` (default) is the papers' protocol: words replaced by ``[MASK]``. The others are what real posts
+    suffer, and carry no marker a model could key on: words deleted, the end cut off, typos, ASR confusions.
+    """
+    if kind == "mask":
+        return mask_words(text, rate, rng)
+    if kind == "delete":
+        return delete_words(text, rate, rng)
+    if kind == "truncate":
+        return truncate_words(text, rate, rng)
+    if kind == "typos":
+        return typo_words(text, rate, rng)
+    if kind == "asr":
+        return asr_words(text, rate, rng)
+    raise ValueError(f"unknown text corruption {kind!r} (known: {', '.join(TEXT_CORRUPTIONS)})")
 
 
 def pixel_mask(height: int, width: int, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -125,17 +274,45 @@ def downscale(img: Image.Image, rate: float) -> Image.Image:
     return small.resize((width, height), Image.Resampling.NEAREST)
 
 
+def jpeg_recompress(img: Image.Image, rate: float) -> Image.Image:
+    """Re-encode as JPEG at quality ``round(95 - 90 * rate)`` (rate 0.8 → quality 23): blocks and ringing."""
+    _check_rate(rate)
+    buf = io.BytesIO()
+    _to_rgb(img).save(buf, format="JPEG", quality=max(1, round(95 - 90 * rate)))
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def crop(img: Image.Image, rate: float, rng: np.random.Generator) -> Image.Image:
+    """A random window holding ``1 - rate`` of each side (at least 1 px): what a careless repost keeps."""
+    _check_rate(rate)
+    rgb = _to_rgb(img)
+    width, height = rgb.size
+    w, h = max(1, round(width * (1 - rate))), max(1, round(height * (1 - rate)))
+    left, top = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
+    return rgb.crop((left, top, left + w, top + h))
+
+
 def corrupt_image(
     img: Image.Image, rate: float, rng: np.random.Generator, kind: ImageCorruption = "mask"
 ) -> Image.Image:
-    """Content-level corruption of an image at ``rate``: pixel masking (default), blur or downscale."""
+    """Content-level corruption of an image at ``rate``.
+
+    ``mask`` (default) and ``blur`` follow the papers' protocol; ``downscale``, ``jpeg`` and ``crop`` are
+    what reposted images suffer.
+    """
     if kind == "mask":
         return mask_pixels(img, rate, rng)
     if kind == "blur":
         return blur(img, rate)
     if kind == "downscale":
         return downscale(img, rate)
-    raise ValueError(f"unknown image corruption {kind!r}")
+    if kind == "jpeg":
+        return jpeg_recompress(img, rate)
+    if kind == "crop":
+        return crop(img, rate, rng)
+    raise ValueError(f"unknown image corruption {kind!r} (known: {', '.join(IMAGE_CORRUPTIONS)})")
 
 
 def discard(post: Mapping[str, object], modalities: Sequence[str]) -> dict[str, object]:

@@ -32,6 +32,7 @@ import logging
 import math
 import signal
 import struct
+import sys
 import time
 import uuid
 import zlib
@@ -55,7 +56,14 @@ from stream.service.events import (
     encode_post,
 )
 from stream.service.settings import Settings, get_settings
-from stream.tools.faults import corrupt_image, corrupt_text, post_rng, sample_rate
+from stream.tools.faults import (
+    IMAGE_CORRUPTIONS,
+    TEXT_CORRUPTIONS,
+    corrupt_image,
+    corrupt_text,
+    post_rng,
+    sample_rate,
+)
 from stream.tools.recording import Record, RecordingHeader, RecordingReader, _NoBar, _progress_bar
 from stream.tools.replay_results import EVENT, PublishedPost, ReceivedDeadLetter, ReceivedEvent, ReplayResult
 from stream.tools.topic_reader import TopicReader
@@ -83,7 +91,6 @@ log = logging.getLogger(__name__)
 
 # Every reject reason of the contract a client can cause (``internal_error`` is the worker's own).
 MALFORMED_KINDS: Final[tuple[RejectReason, ...]] = tuple(r for r in get_args(RejectReason) if r != "internal_error")
-IMAGE_CORRUPTIONS: Final = ("mask", "blur", "downscale")
 _POST_FIELDS: Final = ("id", "ts", "text", "image", "transcript", "label")
 # u[0]: malformed?, u[1]: which kind, u[2:5]: drop per modality, u[5:8]: corrupt per modality.
 _N_DECISIONS: Final = 8
@@ -99,7 +106,9 @@ class Faults:
     ``drop[m]``: fraction of the posts carrying ``m`` that lose it. ``corrupt[m]``: fraction of the
     posts still carrying ``m`` whose ``m`` is corrupted at 40–80 %. ``malformed``: fraction of posts
     replaced by a malformed payload of a kind drawn uniformly from ``malformed_kinds``.
-    ``image_corruption``: the image corruptions to draw from (uniformly) for a corrupted image.
+    ``image_corruption`` / ``text_corruption``: the corruption kinds to draw from (uniformly) for a corrupted
+    image / text or transcript (:data:`~stream.tools.faults.IMAGE_CORRUPTIONS`,
+    :data:`~stream.tools.faults.TEXT_CORRUPTIONS`).
     """
 
     drop: Mapping[str, float] = field(default_factory=dict)
@@ -107,6 +116,7 @@ class Faults:
     malformed: float = 0.0
     malformed_kinds: tuple[str, ...] = MALFORMED_KINDS
     image_corruption: tuple[str, ...] = ("mask", "blur")
+    text_corruption: tuple[str, ...] = ("mask",)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +134,9 @@ class Faults:
         bad = set(self.image_corruption) - set(IMAGE_CORRUPTIONS)
         if bad or not self.image_corruption:
             raise ValueError(f"image corruptions must be a non-empty subset of {IMAGE_CORRUPTIONS}")
+        bad = set(self.text_corruption) - set(TEXT_CORRUPTIONS)
+        if bad or not self.text_corruption:
+            raise ValueError(f"text corruptions must be a non-empty subset of {TEXT_CORRUPTIONS}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Faults:
@@ -134,6 +147,7 @@ class Faults:
             malformed=float(d.get("malformed", 0.0)),
             malformed_kinds=tuple(d.get("malformed_kinds", MALFORMED_KINDS)),
             image_corruption=tuple(d.get("image_corruption", ("mask", "blur"))),
+            text_corruption=tuple(d.get("text_corruption", ("mask",))),
             seed=int(d.get("seed", 0)),
         )
 
@@ -144,6 +158,7 @@ class Faults:
             "malformed": self.malformed,
             "malformed_kinds": list(self.malformed_kinds),
             "image_corruption": list(self.image_corruption),
+            "text_corruption": list(self.text_corruption),
             "seed": self.seed,
         }
 
@@ -298,6 +313,7 @@ def plan_post(record: Record, run_id: str, faults: Faults, settings: Settings, i
             dropped.append(m)
             del fields[m]
     corrupted: list[str] = []
+    kinds: list[str] = []
     for i, m in enumerate(MODALITIES):
         if m not in present or u[5 + i] >= faults.corrupt.get(m, 0.0):
             continue
@@ -309,8 +325,12 @@ def plan_post(record: Record, run_id: str, faults: Faults, settings: Settings, i
                 continue
             fields["image"] = damaged
         else:
-            fields[m] = corrupt_text(fields[m], rate, rng)
+            # One kind draws nothing, so a run with the default kind corrupts exactly as before kinds existed.
+            choices = faults.text_corruption
+            kind = choices[0] if len(choices) == 1 else choices[int(rng.integers(len(choices)))]
+            fields[m] = corrupt_text(fields[m], rate, rng, kind)  # type: ignore[arg-type]
         corrupted.append(m)
+        kinds.append(f"{m}:{kind}")
     # Uncorrupted content of a post that decoded stays valid after a drop (skip a second decode),
     # unless the run prefix pushed the id over the limit.
     recheck = corrupted or len(new_id) > settings.max_id_chars
@@ -322,6 +342,7 @@ def plan_post(record: Record, run_id: str, faults: Faults, settings: Settings, i
         present=tuple(present),
         dropped=tuple(dropped),
         corrupted=tuple(corrupted),
+        corruption_kinds=tuple(kinds),
         drop_suppressed=tuple(suppressed),
         expected=expected,
     )
@@ -700,7 +721,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="fault-injection seed (0)")
     parser.add_argument("--drop", default="", metavar="M=R,...", help="drop modalities, e.g. image=0.5,transcript=0.3")
     parser.add_argument("--corrupt", default="", metavar="M=R,...", help="corrupt modalities, e.g. text=0.2,image=0.1")
-    parser.add_argument("--image-corruption", default="mask,blur", help="image corruptions to draw from (mask,blur)")
+    parser.add_argument(
+        "--image-corruption", default="mask,blur", help=f"image corruptions to draw from: {','.join(IMAGE_CORRUPTIONS)}"
+    )
+    parser.add_argument(
+        "--text-corruption", default="mask", help=f"text corruptions to draw from: {','.join(TEXT_CORRUPTIONS)}"
+    )
     parser.add_argument("--malformed", type=float, default=0.0, metavar="R", help="fraction of malformed payloads")
     parser.add_argument(
         "--malformed-kinds", default=",".join(MALFORMED_KINDS), help="malformed kinds to draw from (all)"
@@ -711,6 +737,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait for outcomes S s (60)")
     parser.add_argument("--no-collect", action="store_true", help="publish only; do not wait for outcomes")
     parser.add_argument("--run-id", default=None, help="run id (default: random)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="an earlier report.json: exit 3 if macro F1 of any fault group fell by more than --tolerance",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.01, help="allowed macro-F1 fall per group (0.01)")
+    parser.add_argument(
+        "--gate-min-posts", type=int, default=20, metavar="N", help="gate only groups of at least N posts (20)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -723,6 +760,7 @@ def run(args: argparse.Namespace) -> int:
             malformed=args.malformed,
             malformed_kinds=tuple(k.strip() for k in args.malformed_kinds.split(",") if k.strip()),
             image_corruption=tuple(k.strip() for k in args.image_corruption.split(",") if k.strip()),
+            text_corruption=tuple(k.strip() for k in args.text_corruption.split(",") if k.strip()),
             seed=args.seed,
         )
         options = ReplayOptions(
@@ -746,12 +784,28 @@ def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         return await replay(settings, args.recording, options, stop=stop)
 
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = json.loads(args.baseline.read_text())
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the baseline report %s: %s", args.baseline, exc)
+            return 2
     result = asyncio.run(main())
-    from stream.tools.report import build_report, summarize
+    from stream.tools.report import build_report, regression_gate, summarize
 
     report = summarize(result)
     if args.report is not None:
         build_report(result, args.report)
         print(f"report written to {args.report}")
     print(json.dumps(report["headline"], indent=1))
-    return 1 if result.timed_out else 0
+    if result.timed_out:
+        return 1
+    if baseline is not None:
+        failures = regression_gate(report, baseline, args.tolerance, min_posts=args.gate_min_posts)
+        for failure in failures:
+            print(f"regression: {failure}", file=sys.stderr)
+        if failures:
+            return 3
+        print(f"regression gate passed against {args.baseline} (tolerance {args.tolerance})")
+    return 0

@@ -32,6 +32,7 @@ class PublishedPost:
     present: tuple[str, ...]
     dropped: tuple[str, ...] = ()
     corrupted: tuple[str, ...] = ()
+    corruption_kinds: tuple[str, ...] = ()  # "modality:kind" of each corrupted modality, e.g. "text:delete"
     malformed: str | None = None
     drop_suppressed: tuple[str, ...] = ()
     expected: str = EVENT
@@ -39,8 +40,9 @@ class PublishedPost:
 
     @property
     def faults(self) -> tuple[str, ...]:
-        """Fault labels such as ``drop:image``, ``corrupt:text``, ``malformed:not_msgpack``; () if clean."""
+        """Fault labels: ``drop:image``, ``corrupt:text`` (and per kind ``corrupt:text:delete``), ``malformed:…``."""
         out = [f"drop:{m}" for m in self.dropped] + [f"corrupt:{m}" for m in self.corrupted]
+        out += [f"corrupt:{k}" for k in self.corruption_kinds]
         if self.malformed:
             out.append(f"malformed:{self.malformed}")
         return tuple(out)
@@ -55,9 +57,8 @@ class PublishedPost:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PublishedPost:
-        fields: dict[str, Any] = {
-            k: tuple(v) if k in ("present", "dropped", "corrupted", "drop_suppressed") else v for k, v in d.items()
-        }
+        tuples = ("present", "dropped", "corrupted", "corruption_kinds", "drop_suppressed")
+        fields: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in d.items()}
         return cls(**fields)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "compare_reports",
     "normalize_predictions",
     "prediction_tables",
+    "regression_gate",
     "scorer_tables",
     "served_predictions",
     "summarize",
@@ -459,6 +461,43 @@ def compare_reports(
         lines += ["", "![macro F1](comparison.png)"]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     return comparison
+
+
+# -- the regression gate ---------------------------------------------------------------------------
+
+
+def regression_gate(
+    report: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    tolerance: float = 0.01,
+    scorer: str = SERVED,
+    min_posts: int = 20,
+) -> list[str]:
+    """Fault groups whose macro F1 fell by more than ``tolerance`` against ``baseline``; [] if none did.
+
+    Compared: ``overall`` and every fault group of the baseline (``clean``, each ``drop:``, each
+    ``corrupt:`` and per-kind ``corrupt:m:kind``) that holds at least ``min_posts`` posts in both reports —
+    a smaller group's macro F1 moves by more than any useful tolerance from one post. A group the baseline
+    has and the new report lacks fails too: the run no longer measures what the baseline did.
+    """
+    failures: list[str] = []
+    try:
+        new, old = report["metrics"][scorer], baseline["metrics"][scorer]
+    except KeyError as exc:
+        return [f"scorer {scorer!r} missing from {'the baseline' if scorer in report['metrics'] else 'the report'}"
+                f" ({exc})"]
+    groups = [("overall", old["overall"], new["overall"])]
+    groups += [(f"fault {k}", v, new["fault"].get(k)) for k, v in sorted(old.get("fault", {}).items())]
+    for name, before, after in groups:
+        if after is None:
+            failures.append(f"{name}: in the baseline (n={before.get('n', 0)}) but not in this run")
+            continue
+        if min(int(before.get("n", 0)), int(after.get("n", 0))) < min_posts:
+            continue
+        b, a = float(before["macro_f1"]), float(after["macro_f1"])
+        if math.isnan(a) or a < b - tolerance:  # NaN counts as a fall
+            failures.append(f"{name}: macro F1 {a:.4f} vs baseline {b:.4f} ({a - b:+.4f}, tolerance {tolerance})")
+    return failures
 
 
 # -- rendering -------------------------------------------------------------------------------------
