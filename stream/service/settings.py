@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1_000_000, ge=16_384)
     max_dead_letter_key_bytes: int = Field(default=1024, ge=16)
     max_image_aspect: float = Field(default=20.0, ge=1.0)  # long side / short side
-    # Decoded pixel bytes of one image (width x height x bands), checked from the header before decoding.
-    max_image_decoded_bytes: int = Field(default=100_000_000, ge=1)
+    # Decoded bytes of one image (width x height x bytes per pixel, after a JPEG's reduced-scale decode),
+    # checked from the header before decoding: a 5000 x 5000 RGBA PNG (100 MB) is refused, 4000 x 4000 fits.
+    max_image_decoded_bytes: int = Field(default=64_000_000, ge=1)
     max_batch_bytes: int = Field(default=16_000_000, ge=1)  # message bytes per micro-batch (at least one message)
     produce_timeout_s: float = Field(default=30.0, gt=0)  # producer_request_timeout and the wait for acks
     batch_retries: int = Field(default=3, ge=0)  # a failed batch is retried this often, then the worker stops
