@@ -111,10 +111,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _dead_letters_fit(self) -> Settings:
-        if self.max_dead_letter_bytes > self.max_message_bytes - 1024:
+        # The record carries the key twice (as its key and inside the letter) plus ~1 kB of framing.
+        if self.max_dead_letter_bytes + self.max_dead_letter_key_bytes + 1024 > self.max_message_bytes:
             raise ValueError(
-                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) must stay 1 kB below max_message_bytes"
-                f" ({self.max_message_bytes}), the producer's request limit"
+                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) + max_dead_letter_key_bytes"
+                f" ({self.max_dead_letter_key_bytes}) + 1 kB must fit max_message_bytes ({self.max_message_bytes}),"
+                " the producer's request limit"
             )
         return self
 
