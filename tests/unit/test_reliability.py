@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
-import shutil
 from pathlib import Path
 
 import msgpack
@@ -116,12 +114,6 @@ def test_a_post_with_a_tall_image_is_rejected_by_the_contract() -> None:
     assert err.value.reason == "image_too_large"
 
 
-@pytest.fixture
-def model_copy(tmp_path: Path) -> Path:
-    """A manifest whose files are tiny stand-ins: enough to test path handling without ONNX Runtime."""
-    return tmp_path
-
-
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../outside.onnx", "sub/../../outside.onnx"])
 def test_manifest_paths_are_confined_to_the_model_directory(tmp_path: Path, bad: str) -> None:
     from stream.service.manifest import Manifest, ManifestError
@@ -178,10 +170,3 @@ def test_the_event_buffer_batches_by_count_bytes_and_wait() -> None:
 
     # two per batch; 500 bytes alone over the byte budget still goes (one message at least), alone
     assert asyncio.run(scenario()) == [[10, 10], [10], [500]]
-
-
-def test_json_settings_of_the_reliability_block_round_trip() -> None:
-    s = Settings(produce_timeout_s=12, ready_max_batch_age_s=7)
-    env = s.to_env({})
-    assert env["SENTIMENT_PRODUCE_TIMEOUT_S"] == "12.0" and json.dumps(env)
-    assert shutil.which("true")  # the environment the worker gets is plain strings
