@@ -191,20 +191,22 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
                 )
                 await asyncio.sleep(delay)
                 delay *= 2
-        update_lag()
+        await update_lag()
         return float(outcome.stages.get("batch", 0.0))
 
-    def update_lag() -> None:
+    async def update_lag() -> None:
         # The fetch high-water mark, not ListOffsets: Tansu answers ListOffsets(LATEST) wrongly.
         total = 0
         for tp in list(app.consumer.assignment()):
             try:
                 highwater = app.consumer.highwater(tp)
+                position = service.positions.get((tp.topic, tp.partition))
+                if position is None:  # nothing processed here yet: the committed offset is the next to process
+                    position = getattr(app.consumer, "_committed_offset", {}).get(tp)
+                if position is None:  # nothing committed either: where the consumer reads from
+                    position = await app.consumer.position(tp)
             except Exception:  # not assigned any more, or no fetch yet
                 continue
-            position = service.positions.get((tp.topic, tp.partition))
-            if position is None:  # nothing processed here yet: the committed offset is the next to process
-                position = getattr(app.consumer, "_committed_offset", {}).get(tp)
             if highwater is None or position is None:
                 continue
             metrics.set_consumer_lag(tp.topic, tp.partition, highwater, position)
@@ -220,7 +222,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         """
         while True:
             with contextlib.suppress(Exception):
-                update_lag()
+                await update_lag()
             if await _broker_answers(app, settings.ready_broker_timeout_s):
                 health_state.broker_ok_at = time.monotonic()
             await asyncio.sleep(settings.broker_probe_interval_s)

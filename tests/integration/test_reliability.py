@@ -241,9 +241,15 @@ def test_livez_and_readyz_answer_and_the_lag_gauge_refreshes_without_batches(
         for view in ("/router", "/table", "/graph", "/stats"):
             with pytest.raises(urllib.error.HTTPError):
                 urllib.request.urlopen(worker.health_url.replace("/health", view), timeout=2)
-        text = worker.metrics_text()
-        lagged = [line for line in text.splitlines() if line.startswith("sentiment_consumer_lag")]
-        assert len(lagged) == worker_settings.partitions, "every assigned partition has a lag series"
+        # no batch has run: only the timer can have set the lag of each assigned partition (0, caught up)
+        deadline = time.monotonic() + 3 * worker_settings.broker_probe_interval_s
+        while True:
+            lagged = [line for line in worker.metrics_text().splitlines() if line.startswith("sentiment_consumer_lag")]
+            if len(lagged) == worker_settings.partitions or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(lagged) == worker_settings.partitions, f"every assigned partition has a lag series: {lagged}"
+        assert all(line.endswith(" 0.0") for line in lagged), lagged
 
 
 # ---------------------------------------------------------------------------- 5: Redis
