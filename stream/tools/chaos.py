@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import io
 import json
@@ -226,19 +225,28 @@ async def publish(
     )
     await producer.start()
     acked: set[bytes | None] = set()
+
+    async def start(key: bytes | None, value: bytes) -> asyncio.Future[Any] | None:
+        try:
+            return await producer.send(settings.topic_posts, value, key=key)
+        except Exception:  # the accumulator timed out (the broker stalls): sent again below
+            return None
+
     try:
-        pending: list[tuple[bytes | None, bytes, asyncio.Future[Any]]] = []
+        pending: list[tuple[bytes | None, bytes, asyncio.Future[Any] | None]] = []
         started = time.monotonic()
         for i, (key, value) in enumerate(messages):
             if rate > 0:
                 delay = started + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            pending.append((key, value, await producer.send(settings.topic_posts, value, key=key)))
+            pending.append((key, value, await start(key, value)))
         for attempt in range(attempts):
             failed = []
             for key, value, fut in pending:
                 try:
+                    if fut is None:
+                        raise ConnectionError("not handed to the producer")
                     await fut
                     acked.add(key)
                 except Exception:  # the broker stalled or restarted: send again (duplicates are counted)
@@ -247,10 +255,7 @@ async def publish(
                 break
             log.info("publish: %d messages failed, resending (attempt %d)", len(failed), attempt + 1)
             await asyncio.sleep(1.0)
-            pending = []
-            for key, value in failed:
-                with contextlib.suppress(Exception):
-                    pending.append((key, value, await producer.send(settings.topic_posts, value, key=key)))
+            pending = [(key, value, await start(key, value)) for key, value in failed]
     finally:
         await producer.stop()
     return acked
