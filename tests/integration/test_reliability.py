@@ -38,7 +38,7 @@ from tests.support.worker import WorkerProcess, collect, free_port, produce
 pytestmark = [pytest.mark.integration]
 
 # What docs/reliability.md guarantees for one worker's peak RSS, whatever arrives (measured there).
-RSS_BOUND_BYTES = 1536 * 2**20
+RSS_BOUND_BYTES = 1024 * 2**20
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
