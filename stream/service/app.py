@@ -1,9 +1,11 @@
 """The Faust app: consume ``posts`` in micro-batches, emit ``sentiment`` and dead letters; ``sentiment-stream worker``.
 
-The wiring only: each micro-batch becomes a list of :class:`~stream.service.scoring.InputRecord` handed to
-:meth:`ScoringService.process <stream.service.processing.ScoringService.process>`, which returns once every
-output is acknowledged by the broker. Faust acks the batch only after that, so delivery is at-least-once
-(outputs are keyed by post id for de-duplication). No Faust tables: Redis is the only state.
+The wiring only: each micro-batch (sized by :mod:`stream.service.batching`) becomes a list of
+:class:`~stream.service.scoring.InputRecord` handed to :meth:`ScoringService.process
+<stream.service.processing.ScoringService.process>`, which returns once every output is acknowledged by the
+broker. The agent acks the batch only after that, itself, on a no-ack stream (docs/reliability.md): a batch
+that fails is retried, then stops the worker un-acked. Delivery is at-least-once (outputs are keyed by post
+id for de-duplication). No Faust tables: Redis is the only state.
 """
 
 from __future__ import annotations
