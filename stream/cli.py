@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("stream.tools.replay", "replay a recording with injected faults and write a robustness report"),
     "settings": ("stream.tools.show_settings", "print the effective settings (environment, .env, defaults), masked"),
     "schemas": ("stream.tools.schemas", "write the JSON Schema of every topic to docs/schemas/ (--check: CI)"),
+    "chaos": ("stream.tools.chaos", "kill, stall and poison two workers on a private stack; account for every post"),
     "bench": ("stream.tools.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
 }
 

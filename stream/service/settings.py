@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     max_transcript_chars: int = Field(default=20000, ge=1)
     max_image_bytes: int = Field(default=5_000_000, ge=1)
     max_image_pixels: int = Field(default=25_000_000, ge=1)
-    # A dead letter keeps the original bytes up to this size, so it fits the broker's 1 MB default limit.
+    # The whole encoded dead letter stays under this size (below max_message_bytes): the original bytes are cut.
     max_dead_letter_bytes: int = Field(default=900_000, ge=1024)
     # The largest record: a post at every payload limit fits (max_post_bytes). Broker message.max.bytes, topic
     # max.message.bytes, producer max_request_size and consumer fetch sizes are all set from it (compose, k8s,
@@ -93,6 +93,22 @@ class Settings(BaseSettings):
     drift_window_posts: int = Field(default=1000, ge=1)  # posts behind the pattern-share and mean-quality gauges
     log_format: Literal["text", "json"] = "text"  # json: one object per line with worker, partition, model
 
+    # Reliability (docs/reliability.md): delivery, bounded memory, stalls
+    # max_message_bytes (above) is also the producer's request limit: every output is built to fit under it.
+    max_dead_letter_key_bytes: int = Field(default=1024, ge=16)
+    max_image_aspect: float = Field(default=20.0, ge=1.0)  # long side / short side
+    # Decoded bytes of one image (width x height x bytes per pixel, after a JPEG's reduced-scale decode),
+    # checked from the header before decoding: a 5000 x 5000 RGBA PNG (100 MB) is refused, 4000 x 4000 fits.
+    max_image_decoded_bytes: int = Field(default=64_000_000, ge=1)
+    max_batch_bytes: int = Field(default=16_000_000, ge=1)  # message bytes per micro-batch (at least one message)
+    produce_timeout_s: float = Field(default=30.0, gt=0)  # producer_request_timeout and the wait for acks
+    batch_retries: int = Field(default=3, ge=0)  # a failed batch is retried this often, then the worker stops
+    batch_retry_backoff_s: float = Field(default=0.5, ge=0)  # doubled after each retry
+    ready_max_batch_age_s: float = Field(default=20.0, gt=0)  # /readyz: 503 when a batch is in flight longer
+    broker_probe_interval_s: float = Field(default=5.0, gt=0)  # lag refresh and broker metadata probe
+    ready_broker_timeout_s: float = Field(default=15.0, gt=0)  # /readyz: 503 when the broker has not answered
+    queue_min_fill: float = Field(default=0.5, ge=0, le=1)  # of the seed size; below it the queue is reseeded
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _one_or_more_host_ports(cls, value: str) -> str:
@@ -114,6 +130,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) is below the largest valid post ({self.max_post_bytes} "
                 "bytes at the payload limits): raise it, with the broker's message.max.bytes, or lower max_image_bytes"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dead_letters_fit(self) -> Settings:
+        # The record carries the key twice (as its key and inside the letter) plus ~1 kB of framing.
+        if self.max_dead_letter_bytes + self.max_dead_letter_key_bytes + 1024 > self.max_message_bytes:
+            raise ValueError(
+                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) + max_dead_letter_key_bytes"
+                f" ({self.max_dead_letter_key_bytes}) + 1 kB must fit max_message_bytes ({self.max_message_bytes}),"
+                " the producer's request limit"
             )
         return self
 

@@ -503,6 +503,8 @@ def test_k8s_worker_deployment_probes_health_limits_one_cpu_and_reads_settings_f
     assert ports == {"metrics": settings.metrics_port, "web": settings.web_port}
     for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "web"}
+    (redis_url,) = [e for e in container["env"] if e["name"] == "SENTIMENT_REDIS_URL"]
+    assert redis_url["valueFrom"]["secretKeyRef"], "the Redis URL carries a password: from a Secret"
     resources = container["resources"]
     assert str(resources["requests"]["cpu"]) == str(resources["limits"]["cpu"]) == "1"
     assert settings.intra_op_threads == 1
