@@ -53,6 +53,7 @@ import numpy as np
 
 from stream.service.manifest import Manifest
 from stream.service.settings import Settings, get_settings
+from stream.tools.cpu_profile import CpuSampler
 from stream.tools.launcher import WORKER_MODULE, WorkerProcess
 from stream.tools.services import fresh_topics
 from stream.tools.topic_reader import TopicReader
@@ -264,6 +265,27 @@ def _stage_seconds(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def _stack_pids(settings: Settings) -> dict[str, int]:
+    """PIDs of the broker and Redis (when this machine runs them) and of the bench itself, for the CPU profile."""
+    from stream.tools.services import LocalStack
+
+    pids = {"bench": os.getpid()}
+    for status in LocalStack(settings).status():
+        if status.pid is not None:
+            pids[status.name] = status.pid
+    # a broker or Redis found already running (started by another checkout, or the machine's): find it by name
+    wanted = {name: comm for name, comm in (("broker", "tansu"), ("redis", "redis-server")) if name not in pids}
+    for entry in Path("/proc").iterdir():
+        if wanted and entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                comm = (entry / "comm").read_text().strip()
+                for name, expected in list(wanted.items()):
+                    if comm == expected:
+                        pids[name] = int(entry.name)
+                        del wanted[name]
+    return pids
+
+
 # -- broker side: produce and collect ------------------------------------------------------------
 
 
@@ -469,7 +491,9 @@ async def pipeline(
             s.start()
         await _warm_up(settings, services, collector, posts[0], f"{tag}-{uuid.uuid4().hex[:4]}")
         before = [_stage_seconds(_metrics_text(s)) for s in services]
+        sampler = CpuSampler({**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}).start()
         result["saturation"] = await _saturate(settings, collector, posts, timeout)
+        result["cpu"] = sampler.stop()
         after = [_stage_seconds(_metrics_text(s)) for s in services]
         stages: dict[str, float] = {}
         for b, a in zip(before, after, strict=True):
