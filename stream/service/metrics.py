@@ -78,6 +78,8 @@ METRIC_NAMES: Final = (
     "sentiment_onnx_session_info",
     "sentiment_last_processed_timestamp_seconds",
     "sentiment_consumer_lag_messages",
+    "sentiment_batch_plan_records",
+    "sentiment_encode_cache_lookups_total",
 )
 
 
@@ -187,6 +189,18 @@ class Metrics:
             "sentiment_consumer_lag_messages",
             "Messages between the partition's high-water mark and the consumer's position.",
             ["topic", "partition"],
+            registry=r,
+        )
+        # Performance: the batch policy's chosen size (batching.py) and the encoder cache (encode_cache.py).
+        self.batch_plan = Gauge(
+            "sentiment_batch_plan_records",
+            "Most records the batch policy allows in the next micro-batch (adaptive: follows backlog and SLO).",
+            registry=r,
+        )
+        self.encode_cache = Counter(
+            "sentiment_encode_cache_lookups",
+            "Encoder-cache lookups by modality and result (hit | miss); hit rate = hit / all.",
+            ["modality", "result"],
             registry=r,
         )
         self._onnx_labels: dict[str, tuple[str, str, str]] = {}
