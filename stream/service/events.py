@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -20,6 +22,7 @@ import msgpack
 from PIL import Image
 
 from stream.service.errors import PostRejected, RejectReason
+from stream.service.preprocess import decoded_bytes_per_pixel, shrink_for_encoder
 from stream.service.settings import Settings, get_settings
 from stream.service.vocabulary import LABELS, MODALITIES, Modality
 
@@ -35,10 +38,13 @@ __all__ = [
     "decode_post",
     "decode_sentiment",
     "encode_post",
+    "fitted_dead_letter",
+    "minimal_dead_letter",
 ]
 
 IMAGE_FORMATS: Final = ("PNG", "JPEG")
-
+# A dead letter's detail is a human-readable sentence; more than this is noise that could push it over the limit.
+MAX_DETAIL_CHARS: Final = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +142,29 @@ def _image(payload: dict[Any, Any], settings: Settings, from_json: bool) -> tupl
         raise PostRejected(
             "image_too_large", f"image has {len(value)} bytes, limit {settings.max_image_bytes}"
         )
-    return value, decode_image(value, settings.max_image_pixels)
+    image = decode_image(
+        value,
+        settings.max_image_pixels,
+        max_aspect=settings.max_image_aspect,
+        max_decoded_bytes=settings.max_image_decoded_bytes,
+    )
+    return value, image
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    *,
+    max_aspect: float = math.inf,
+    max_decoded_bytes: int | None = None,
+) -> Image.Image:
     """Decode PNG/JPEG bytes, refusing images over ``max_pixels`` before decompressing them.
 
-    The image keeps its mode (e.g. RGBA): :func:`stream.service.preprocess.image_to_array` composites transparency
-    the same way for training and serving.
+    Every limit is checked from the header, before any pixel is allocated: the pixel count, the aspect
+    ratio (a 16 x 1,562,500 image is within 25 MP but its resize would need gigabytes) and the decoded size
+    (width x height x bytes per pixel). The decoded image is shrunk at once (:func:`shrink_for_encoder`),
+    so a post holds a few hundred kB of pixels whatever arrived. The image keeps its mode (e.g. RGBA):
+    :func:`stream.service.preprocess.image_to_array` composites transparency the same way for training and serving.
     """
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
@@ -158,9 +179,18 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise PostRejected("image_too_large", f"image is {width}x{height} px, limit {max_pixels} px")
     if width == 0 or height == 0:
         raise PostRejected("image_undecodable", "image has no pixels")
+    if max(width, height) / min(width, height) > max_aspect:
+        raise PostRejected("image_too_large", f"image is {width}x{height} px, aspect ratio limit {max_aspect:g}")
+    decoded = width * height * decoded_bytes_per_pixel(img.mode)
+    if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+        raise PostRejected(
+            "image_too_large",
+            f"image decodes to {decoded} bytes ({width}x{height} {img.mode}), limit {max_decoded_bytes}",
+        )
     try:
-        img.load()
-        return img
+        return shrink_for_encoder(img)
+    except MemoryError:
+        raise PostRejected("image_too_large", f"image {width}x{height} {img.mode} does not fit in memory") from None
     except Exception as exc:  # truncated data, bad CRC, decompression bombs inside chunks, ...
         raise PostRejected("image_undecodable", f"image data is corrupt: {type(exc).__name__}") from None
 
@@ -326,4 +356,67 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
         partition=d.get("partition"),
         offset=d.get("offset"),
         truncated=bool(d.get("truncated", False)),
+    )
+
+
+def _short_key(key: bytes | None, max_key_bytes: int) -> tuple[bytes | None, str]:
+    """The key as is when it fits, else ``sha256:<hex>`` (and a note for the detail)."""
+    if key is None or len(key) <= max_key_bytes:
+        return key, ""
+    digest = hashlib.sha256(key).hexdigest()
+    return f"sha256:{digest}".encode(), f" [key of {len(key)} bytes replaced by its sha256]"
+
+
+def fitted_dead_letter(
+    value: bytes,
+    reason: RejectReason,
+    detail: str,
+    *,
+    key: bytes | None,
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
+    max_bytes: int,
+    max_key_bytes: int,
+) -> DeadLetter:
+    """A dead letter whose encoding is at most ``max_bytes``: long keys hashed, the detail and the value cut.
+
+    The size is measured on the real encoding (so a field added to :class:`DeadLetter` is counted too); the
+    original value is kept whole whenever it fits, and ``truncated`` says when it was cut.
+    """
+    short_key, note = _short_key(key, max_key_bytes)
+    base = DeadLetter(
+        value=b"",
+        reason=reason,
+        detail=(detail[:MAX_DETAIL_CHARS] + note),
+        key=short_key,
+        topic=topic[:256] if topic else topic,
+        partition=partition,
+        offset=offset,
+        truncated=True,
+    )
+    # msgpack's bin header for the value is at most 5 bytes; the bool cannot grow.
+    room = max(0, max_bytes - len(base.encode()) - 5)
+    if len(value) <= room:
+        return dataclasses.replace(base, value=value, truncated=False)
+    return dataclasses.replace(base, value=value[:room])
+
+
+def minimal_dead_letter(dl: DeadLetter) -> DeadLetter:
+    """The smallest dead letter that still says what happened: no payload, the key as a hash.
+
+    Produced when the full one could not be (e.g. the broker refused its size): a dead letter must never be
+    the reason a post is lost.
+    """
+    key_hash = hashlib.sha256(dl.key).hexdigest() if dl.key is not None else "none"
+    return DeadLetter(
+        value=b"",
+        reason=dl.reason,
+        detail=f"{dl.detail[:200]} [dead letter reduced: payload dropped; key sha256={key_hash}]",
+        key=dl.key if dl.key is None or len(dl.key) <= 256 else f"sha256:{key_hash}".encode(),
+        ts=dl.ts,
+        topic=dl.topic[:256] if dl.topic else dl.topic,
+        partition=dl.partition,
+        offset=dl.offset,
+        truncated=True,
     )

@@ -22,10 +22,12 @@ __all__ = [
     "IMAGE_SIZE",
     "MAX_TOKENS",
     "TextTokenizer",
+    "decoded_bytes_per_pixel",
     "image_to_array",
     "images_to_batch",
     "minilm_dir",
     "minilm_tokenizer_path",
+    "shrink_for_encoder",
 ]
 
 # all-MiniLM-L6-v2 was trained with max_seq_length 256 (sentence_bert_config.json); the shipped
@@ -115,6 +117,46 @@ def image_to_array(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+# Bytes per decoded pixel by Pillow mode; palette and odd modes count as RGBA, what they are converted to.
+_MODE_BYTES: Final = {"1": 1, "L": 1, "P": 4, "LA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "RGBA": 4, "RGBa": 4,
+                      "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2}
+# The longest side an image keeps relative to its short side: image_to_array only reads a centred square.
+_KEEP_ASPECT: Final = 2
+
+
+def decoded_bytes_per_pixel(mode: str) -> int:
+    """What one pixel of a decoded image in ``mode`` costs (the worst case for modes converted later)."""
+    return _MODE_BYTES.get(mode, 8)
+
+
+def shrink_for_encoder(img: Image.Image, size: int = IMAGE_SIZE) -> Image.Image:
+    """Decode ``img`` (opened, not yet loaded) and keep only what :func:`image_to_array` needs.
+
+    Serving holds every image of a batch until the encoder runs, so each is shrunk as it is decoded:
+    JPEGs decode at a reduced scale (``draft``), the long side is cut to the centred ``2 x`` short side
+    (image_to_array crops a centred square anyway), and an image whose short side is at least twice the
+    resize target is box-reduced by an integer factor, leaving a short side in ``[resize, 2 x resize)``.
+    Images of up to twice the target (every training image) come back unchanged, pixel for pixel; bigger
+    ones reach the encoder through one extra box filter, a difference far below the encoder's sensitivity.
+    """
+    resize_to = round(size * 256 / 224)
+    if img.format == "JPEG":
+        img.draft(img.mode, (2 * resize_to, 2 * resize_to))
+    img.load()
+    width, height = img.size
+    short = min(width, height)
+    if max(width, height) > _KEEP_ASPECT * short:
+        keep = _KEEP_ASPECT * short
+        left, top = (width - min(width, keep)) // 2, (height - min(height, keep)) // 2
+        img = img.crop((left, top, left + min(width, keep), top + min(height, keep)))
+    factor = short // resize_to
+    if factor >= 2:
+        if img.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
+            img = img.convert("RGBA" if img.mode in ("P", "PA", "La", "RGBa") else "RGB")
+        img = img.reduce(factor)
+    return img
 
 
 def images_to_batch(images: list[Image.Image], size: int = IMAGE_SIZE) -> np.ndarray:

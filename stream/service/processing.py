@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from stream.service.errors import PostRejected
+from stream.service.events import DeadLetter, minimal_dead_letter
 from stream.service.feature_queue import FeatureQueue, QueueStats
 from stream.service.manifest import Manifest
 from stream.service.metrics import Metrics
@@ -107,16 +108,47 @@ class ScoringService:
         return outcome
 
     async def produce(self, outcome: BatchOutcome, send: Sender) -> float:
-        """Send every event and dead letter and wait for the broker's acks; returns the seconds it took."""
+        """Send every event and dead letter and wait for the broker's acks; returns the seconds it took.
+
+        Raises when an event cannot be produced or acknowledged within ``produce_timeout_s``: the caller then
+        must not ack the batch. A dead letter the broker refuses is replaced by a minimal one (no payload),
+        so a dead letter is never the reason a post is lost.
+        """
         t0 = time.perf_counter()
         # the emit time is when the event leaves, and the latency metric observes that same value
         emit_ts = time.time()
         outcome.events = [dataclasses.replace(ev, emit_ts=emit_ts) for ev in outcome.events]
-        pending = [await send("sentiment", ev.id.encode(), ev.encode()) for ev in outcome.events]
-        pending += [await send("dead_letter", dl.key, dl.encode()) for dl in outcome.dead_letters]
+        pending = [await self._bounded(send("sentiment", ev.id.encode(), ev.encode())) for ev in outcome.events]
+        letters = [(dl, await self._start_dead_letter(dl, send)) for dl in outcome.dead_letters]
         # Wait for the broker before the batch is acked: a crash now means redelivery, not loss.
-        await asyncio.gather(*pending)
+        await self._bounded(asyncio.gather(*pending))
+        for dl, ack in letters:
+            try:
+                if ack is None:
+                    raise RuntimeError("the producer refused the dead letter")
+                await self._bounded(ack)
+            except Exception as exc:  # whatever the reason, fall back to the minimal letter
+                minimal = minimal_dead_letter(dl)
+                log.warning(
+                    "dead letter of %s/%s offset %s (%d bytes) failed (%s: %s); producing a minimal one",
+                    dl.topic, dl.partition, dl.offset, len(dl.encode()), type(exc).__name__, exc,
+                )
+                # If even this fails the batch fails, un-acked, and is retried.
+                await self._bounded(await self._bounded(send("dead_letter", minimal.key, minimal.encode())))
         return time.perf_counter() - t0
+
+    async def _start_dead_letter(self, dl: DeadLetter, send: Sender) -> Awaitable[Any] | None:
+        """Hand ``dl`` to the producer; None when it refuses at once (e.g. over its request size)."""
+        try:
+            return await self._bounded(send("dead_letter", dl.key, dl.encode()))
+        except TimeoutError:
+            raise
+        except Exception:  # a refused dead letter is replaced, see produce()
+            return None
+
+    async def _bounded(self, awaitable: Awaitable[Any]) -> Any:
+        """Await with the produce timeout: a stalled broker fails the batch instead of blocking it for ever."""
+        return await asyncio.wait_for(awaitable, timeout=self.settings.produce_timeout_s)
 
     async def push(self, outcome: BatchOutcome) -> float:
         t0 = time.perf_counter()

@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from stream.service.encode_cache import EncodeCache
-from stream.service.events import LABELS, MODALITIES, DeadLetter, Post, PostRejected, SentimentEvent, decode_post
+from stream.service.events import (
+    LABELS,
+    MODALITIES,
+    DeadLetter,
+    Post,
+    PostRejected,
+    SentimentEvent,
+    decode_post,
+    fitted_dead_letter,
+)
 from stream.service.feature_queue import QueueStats
 from stream.service.manifest import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_OUTPUT, Manifest
 from stream.service.metrics import Metrics, get_metrics
@@ -122,18 +131,22 @@ class PostScorer:
         return posts, dead
 
     def dead_letter(self, rec: InputRecord, exc: PostRejected) -> DeadLetter:
-        """The dead letter of ``rec``; the original bytes are kept whole unless they exceed the size cap."""
+        """The dead letter of ``rec``, always small enough for the broker (``max_dead_letter_bytes`` encoded).
+
+        The original bytes are kept whole when they fit; a key over ``max_dead_letter_key_bytes`` is replaced
+        by its hash (a dead letter used to copy a 60 kB key twice and outgrow the producer's limit).
+        """
         value = bytes(rec.value) if isinstance(rec.value, bytes | bytearray | memoryview) else b""
-        cap = self.settings.max_dead_letter_bytes
-        return DeadLetter(
-            value=value[:cap],
-            truncated=len(value) > cap,
-            reason=exc.reason,
-            detail=exc.detail,
+        return fitted_dead_letter(
+            value,
+            exc.reason,
+            exc.detail,
             key=rec.key,
             topic=rec.topic,
             partition=rec.partition,
             offset=rec.offset,
+            max_bytes=self.settings.max_dead_letter_bytes,
+            max_key_bytes=self.settings.max_dead_letter_key_bytes,
         )
 
     def encode_texts(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_transcript_chars: int = Field(default=20000, ge=1)
     max_image_bytes: int = Field(default=5_000_000, ge=1)
     max_image_pixels: int = Field(default=25_000_000, ge=1)
-    # A dead letter keeps the original bytes up to this size, so it fits the broker's 1 MB default limit.
+    # The whole encoded dead letter stays under this size (below max_message_bytes): the original bytes are cut.
     max_dead_letter_bytes: int = Field(default=900_000, ge=1024)
 
     # Models and inference
@@ -84,6 +84,22 @@ class Settings(BaseSettings):
     latency_slo_s: float = Field(default=0.25, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)  # SIGTERM: finish the batch, then exit by this
 
+    # Reliability (docs/reliability.md): delivery, bounded memory, stalls
+    # The broker's (and the producer's) largest message; every output is built to fit under it.
+    max_message_bytes: int = Field(default=1_000_000, ge=16_384)
+    max_dead_letter_key_bytes: int = Field(default=1024, ge=16)
+    max_image_aspect: float = Field(default=20.0, ge=1.0)  # long side / short side
+    # Decoded pixel bytes of one image (width x height x bands), checked from the header before decoding.
+    max_image_decoded_bytes: int = Field(default=100_000_000, ge=1)
+    max_batch_bytes: int = Field(default=16_000_000, ge=1)  # message bytes per micro-batch (at least one message)
+    produce_timeout_s: float = Field(default=30.0, gt=0)  # producer_request_timeout and the wait for acks
+    batch_retries: int = Field(default=3, ge=0)  # a failed batch is retried this often, then the worker stops
+    batch_retry_backoff_s: float = Field(default=0.5, ge=0)  # doubled after each retry
+    ready_max_batch_age_s: float = Field(default=20.0, gt=0)  # /readyz: 503 when a batch is in flight longer
+    broker_probe_interval_s: float = Field(default=5.0, gt=0)  # lag refresh and broker metadata probe
+    ready_broker_timeout_s: float = Field(default=15.0, gt=0)  # /readyz: 503 when the broker has not answered
+    queue_min_fill: float = Field(default=0.5, ge=0, le=1)  # of the seed size; below it the queue is reseeded
+
     # Performance (docs/performance.md): GPU batch sizes, batch policy, encoder cache, thread pools.
     gpu_sub_batch: int = Field(default=64, ge=1)  # text and image sub-batches on a CUDA session
     # fixed: always max_batch within max_wait_s; adaptive: follows the backlog and latency_slo_s (batching.py)
@@ -102,6 +118,15 @@ class Settings(BaseSettings):
             if not host or not port.isdigit():
                 raise ValueError(f"bootstrap server {server!r} is not host:port")
         return value
+
+    @model_validator(mode="after")
+    def _dead_letters_fit(self) -> Settings:
+        if self.max_dead_letter_bytes > self.max_message_bytes - 1024:
+            raise ValueError(
+                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) must stay 1 kB below max_message_bytes"
+                f" ({self.max_message_bytes}), the producer's request limit"
+            )
+        return self
 
     def to_env(self, base: Mapping[str, str] | None = None, **overrides: object) -> dict[str, str]:
         """The environment that makes a child process read these settings (plus ``overrides``).
