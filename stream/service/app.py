@@ -26,7 +26,7 @@ from aiohttp import web
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.supervisors import CrashingSupervisor
 
-from stream.service.batching import batch_policy
+from stream.service.batching import batch_capacity, batch_policy
 from stream.service.manifest import Manifest
 from stream.service.metrics import get_metrics, start_metrics_server
 from stream.service.processing import OutputKind, ScoringService
@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         producer_request_timeout=settings.produce_timeout_s,
         producer_max_request_size=settings.max_message_bytes,
         # Faust's prefetch buffer counts messages (default 4,096, up to 4 GB of 1 MB posts): one batch's worth.
-        stream_buffer_maxsize=settings.max_batch,
+        stream_buffer_maxsize=batch_capacity(settings),
     )
 
     app.transport.Consumer = _short_fetch_consumer(settings.fetch_max_wait_s)  # type: ignore[misc]
@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         # take_events acks in a `finally` (an exception acks the batch, faust-streaming#527) and, once it
         # restores `enable_acks`, its drainer acks whatever is still buffered; a noack stream never acks.
         manual = stream.noack()
-        buffer = _EventBuffer(capacity=settings.max_batch)
+        buffer = _EventBuffer(capacity=batch_capacity(settings))
         pump = asyncio.ensure_future(buffer.fill_from(manual))
         try:
             while True:

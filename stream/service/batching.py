@@ -21,6 +21,7 @@ SLO. :func:`batch_policy` builds the one ``settings.batch_policy`` names:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -28,10 +29,20 @@ from typing import Final, Protocol
 from stream.service.metrics import Metrics, get_metrics
 from stream.service.settings import Settings
 
-__all__ = ["NO_WAIT_S", "AdaptiveBatchPolicy", "BatchPlan", "BatchPolicy", "FixedBatchPolicy", "batch_policy"]
+__all__ = [
+    "NO_WAIT_S",
+    "AdaptiveBatchPolicy",
+    "BatchPlan",
+    "BatchPolicy",
+    "FixedBatchPolicy",
+    "batch_capacity",
+    "batch_policy",
+]
 
 # "Do not wait": the smallest wait a plan asks for (a stream's timer needs a positive one).
 NO_WAIT_S: Final = 0.001
+log = logging.getLogger(__name__)
+
 _CPU_THROUGHPUT_BATCH: Final = 64  # best batch of the 2-process compute limit on CPU (docs/performance.md)
 _GPU_THROUGHPUT_BATCH: Final = 256
 
@@ -78,8 +89,7 @@ class AdaptiveBatchPolicy:
     smoothing: Final = 0.2
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
-        default = _GPU_THROUGHPUT_BATCH if settings.providers == "cuda" else _CPU_THROUGHPUT_BATCH
-        self.max_records = settings.adaptive_max_batch or default
+        self.max_records = batch_capacity(settings)
         self.slo_s = settings.latency_slo_s
         self.light_wait_s = max(NO_WAIT_S, min(settings.max_wait_s, self.slo_s / 10))
         # Until the first batch is observed: the fixed policy's size (a measured, safe size).
@@ -123,9 +133,21 @@ class AdaptiveBatchPolicy:
             self._pressure = n_records if n_records >= self._last_plan.max_records else 0
 
 
+def batch_capacity(settings: Settings) -> int:
+    """The most records any plan of the configured policy asks for: what the agent's buffer must hold."""
+    if settings.batch_policy == "fixed":
+        return settings.max_batch
+    default = _GPU_THROUGHPUT_BATCH if settings.providers == "cuda" else _CPU_THROUGHPUT_BATCH
+    return max(settings.max_batch, settings.adaptive_max_batch or default)
+
+
 def batch_policy(settings: Settings, metrics: Metrics | None = None) -> BatchPolicy:
     """The policy ``settings.batch_policy`` names, reporting its chosen size to ``metrics`` (default: the process's)."""
     metrics = metrics or get_metrics()
     if settings.batch_policy == "fixed":
+        log.info("batch policy: fixed, %d records within %.3f s", settings.max_batch, settings.max_wait_s)
         return FixedBatchPolicy(settings, metrics)
-    return AdaptiveBatchPolicy(settings, metrics)
+    policy = AdaptiveBatchPolicy(settings, metrics)
+    log.info("batch policy: adaptive, up to %d records; SLO %.3f s (a batch's compute ≤ %.0f %% of it); "
+             "light-stream wait %.3f s", policy.max_records, policy.slo_s, 100 * policy.slo_share, policy.light_wait_s)
+    return policy
