@@ -140,7 +140,9 @@ def test_encoder_cache_gives_the_same_outputs_and_counts_hits(
         for a, b in zip(plain.events, hit.events, strict=True):
             np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
             assert a.label == b.label and a.quality.keys() == b.quality.keys()
-    hits = metrics.registry.get_sample_value("sentiment_encode_cache_lookups_total", {"modality": "text", "result": "hit"})
+    hits = metrics.registry.get_sample_value(
+        "sentiment_encode_cache_lookups_total", {"modality": "text", "result": "hit"}
+    )
     misses = metrics.registry.get_sample_value(
         "sentiment_encode_cache_lookups_total", {"modality": "text", "result": "miss"}
     )
