@@ -148,6 +148,12 @@ def batch_policy(settings: Settings, metrics: Metrics | None = None) -> BatchPol
         log.info("batch policy: fixed, %d records within %.3f s", settings.max_batch, settings.max_wait_s)
         return FixedBatchPolicy(settings, metrics)
     policy = AdaptiveBatchPolicy(settings, metrics)
-    log.info("batch policy: adaptive, up to %d records; SLO %.3f s (a batch's compute ≤ %.0f %% of it); "
-             "light-stream wait %.3f s", policy.max_records, policy.slo_s, 100 * policy.slo_share, policy.light_wait_s)
+    log.info(
+        "batch policy: adaptive, up to %d records; SLO %.3f s (a batch's compute ≤ %.0f %% of it); "
+        "light-stream wait %.3f s",
+        policy.max_records,
+        policy.slo_s,
+        100 * policy.slo_share,
+        policy.light_wait_s,
+    )
     return policy
