@@ -344,15 +344,18 @@ class Manifest:
         """``(variant, why)``: the text encoder a worker with ``settings`` serves, and the reason in words.
 
         ``settings.text_encoder`` ``fp32`` or ``int8`` is the operator's explicit choice. ``auto`` (the
-        default) serves int8 only when the export recorded that its int8 gate passed (parity with the
-        fp32 PyTorch encoder and the macro-F1 cost on the test split), fp32 otherwise.
+        default) serves int8 only on CPU and only when the export recorded that its int8 gate passed (parity
+        with the fp32 PyTorch encoder and the macro-F1 cost on the test split), fp32 otherwise.
         """
         from stream.service.settings import get_settings
 
-        asked = (settings or get_settings()).text_encoder
+        settings = settings or get_settings()
+        asked = settings.text_encoder
         gate = self.int8_gate
         if asked != "auto":
             return asked, f"SENTIMENT_TEXT_ENCODER={asked}"
+        if settings.providers == "cuda":
+            return "fp32", "auto: on CUDA the fp32 encoder (dynamic int8 quantisation is a CPU optimisation)"
         if "int8" not in self.text_encoder_variants:
             return "fp32", "auto: no int8 text encoder in this export"
         if gate is None:
