@@ -403,11 +403,11 @@ class Collector:
 
     async def wait_for(self, ids: Sequence[str], timeout: float, progress: bool = False) -> bool:
         deadline = time.monotonic() + timeout
-        started = time.monotonic()
+        started, at_start = time.monotonic(), sum(i in self.seen for i in ids)
         while time.monotonic() < deadline:
             done = sum(i in self.seen for i in ids)
-            if progress:
-                PROGRESS.update(done, len(ids), done / max(1e-9, time.monotonic() - started))
+            if progress:  # the rate of events arriving while we wait
+                PROGRESS.update(done, len(ids), (done - at_start) / max(1e-9, time.monotonic() - started))
             if done == len(ids):
                 return True
             if self._task is not None and self._task.done():
