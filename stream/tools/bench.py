@@ -406,8 +406,9 @@ class Collector:
         started, at_start = time.monotonic(), sum(i in self.seen for i in ids)
         while time.monotonic() < deadline:
             done = sum(i in self.seen for i in ids)
-            if progress:  # the rate of events arriving while we wait
-                PROGRESS.update(done, len(ids), (done - at_start) / max(1e-9, time.monotonic() - started))
+            if progress:  # the rate of events arriving while we wait (after a second of it)
+                waited = time.monotonic() - started
+                PROGRESS.update(done, len(ids), (done - at_start) / waited if waited >= 1 else None)
             if done == len(ids):
                 return True
             if self._task is not None and self._task.done():

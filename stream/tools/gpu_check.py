@@ -76,7 +76,11 @@ def check(
     images = [decode_image(r["image"], settings.max_image_pixels) for r in rows if r.get("image")][: max(8, n // 4)]
     clear_session_cache()
     cpu = _sessions(manifest, settings, "cpu")
+    clear_session_cache()  # separate sessions even when --provider cpu
     dev = _sessions(manifest, settings, provider)
+    if provider == "cpu":  # the dry run exercises the CUDA code path's I/O binding on CPU
+        for session in dev.values():
+            session.io_binding = True
     obtained = {name: s.provider for name, s in dev.items()}
     report: dict[str, Any] = {
         "provider_asked": provider,
