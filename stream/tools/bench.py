@@ -554,8 +554,12 @@ async def pipeline(
     seed: int,
     timeout: float,
     extra_env: dict[str, str] | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads."""
+    """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads.
+
+    ``loads`` are fractions of ``rate`` when given (then the saturation run is skipped: ``posts`` only warms
+    up), else of the saturated rate just measured."""
     settings = await fresh_topics(base, prefix=f"bench-{tag}-")
     services = [
         WorkerProcess(
@@ -575,17 +579,19 @@ async def pipeline(
         for s in services:
             s.start()
         await _warm_up(settings, services, collector, posts[0], f"{tag}-{uuid.uuid4().hex[:4]}")
-        before = [_stage_seconds(_metrics_text(s)) for s in services]
-        sampler = CpuSampler({**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}).start()
-        result["saturation"] = await _saturate(settings, collector, posts, timeout)
-        result["cpu"] = sampler.stop()
-        after = [_stage_seconds(_metrics_text(s)) for s in services]
-        stages: dict[str, float] = {}
-        for b, a in zip(before, after, strict=True):
-            for k, v in a.items():
-                stages[k] = stages.get(k, 0.0) + v - b.get(k, 0.0)
-        result["stage_seconds"] = stages
-        sat = result["saturation"]["posts_s"]
+        if rate is None:
+            before = [_stage_seconds(_metrics_text(s)) for s in services]
+            pids = {**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}
+            sampler = CpuSampler(pids).start()
+            result["saturation"] = await _saturate(settings, collector, posts, timeout)
+            result["cpu"] = sampler.stop()
+            after = [_stage_seconds(_metrics_text(s)) for s in services]
+            stages: dict[str, float] = {}
+            for b, a in zip(before, after, strict=True):
+                for k, v in a.items():
+                    stages[k] = stages.get(k, 0.0) + v - b.get(k, 0.0)
+            result["stage_seconds"] = stages
+        sat = rate if rate is not None else result["saturation"]["posts_s"]
         result["latency"] = {}
         offset = 0
         for f in loads:
@@ -641,58 +647,52 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
             what: str,
             n: int,
             stream: Sequence[dict[str, Any]],
-            lat: bool,
             env: dict[str, str],
             module: Sequence[str] = worker_cmd,
             timeout: float = args.timeout,
         ) -> None:
             PROGRESS.begin(f"[{mix.name} #{repeat}] {what}")
-            lat_posts = latency_posts if lat and mix.name in args.latency_mixes else []
-            res[key] = await pipeline(
-                settings,
-                list(module),
-                n,
-                stream,
-                lat_posts,
-                args.loads if lat_posts else [],
-                args.latency_seconds,
-                log_dir,
-                f"{mix.name}{key.replace('_', '')}",
-                seed,
-                timeout,
-                env,
-            )
+            tag = f"{mix.name}{key.replace('_', '')}"
+            res[key] = await pipeline(settings, list(module), n, stream, [], [], 0, log_dir, tag, seed, timeout, env)
             res[key]["env"] = env
             log.info("[%s #%d] %s: %s", mix.name, repeat, what, res[key]["saturation"])
 
-        await arm("b_pipeline_1", f"(b) 1 worker, {first} batches", 1, posts, False, {"SENTIMENT_BATCH_POLICY": first})
-        for policy in args.policies:
-            key = f"b_pipeline_{args.procs}" + ("" if policy == first else f"_{policy}")
-            await arm(
-                key,
-                f"(b) {args.procs} workers, {policy} batches",
-                args.procs,
-                posts,
-                True,
-                {"SENTIMENT_BATCH_POLICY": policy},
-            )
+        await arm("b_pipeline_1", f"(b) 1 worker, {first} batches", 1, posts, {"SENTIMENT_BATCH_POLICY": first})
+        keys = {p: f"b_pipeline_{args.procs}" + ("" if p == first else f"_{p}") for p in args.policies}
+        for policy, key in keys.items():
+            env = {"SENTIMENT_BATCH_POLICY": policy}
+            await arm(key, f"(b) {args.procs} workers, {policy} batches", args.procs, posts, env)
+        if mix.name in args.latency_mixes and args.loads:
+            # Every policy gets the same offered rates: fractions of the lowest saturated rate of them all.
+            reference = min(res[k]["saturation"]["posts_s"] for k in keys.values())
+            for policy, key in keys.items():
+                PROGRESS.begin(f"[{mix.name} #{repeat}] latency, {args.procs} workers, {policy} batches")
+                lat = await pipeline(
+                    settings,
+                    list(worker_cmd),
+                    args.procs,
+                    posts[:1],
+                    latency_posts,
+                    args.loads,
+                    args.latency_seconds,
+                    log_dir,
+                    f"{mix.name}lat{policy}",
+                    seed,
+                    args.timeout,
+                    {"SENTIMENT_BATCH_POLICY": policy},
+                    rate=reference,
+                )
+                res[key]["latency"] = lat["latency"]
+                res[key]["latency_reference_posts_s"] = reference
         if mix.name in args.cache_mixes:
             cache_env = {"SENTIMENT_BATCH_POLICY": first, "SENTIMENT_ENCODE_CACHE_ENTRIES": str(args.cache_entries)}
             res["cache_repetition"] = {"bench_stream": repetition(posts), "no_repeat": repetition(unique)}
-            await arm("b_cache_stream", "(b) + encoder cache, the bench stream", args.procs, posts, False, cache_env)
-            await arm("b_cache_unique", "(b) + encoder cache, a no-repeat stream", args.procs, unique, False, cache_env)
+            await arm("b_cache_stream", "(b) + encoder cache, the bench stream", args.procs, posts, cache_env)
+            await arm("b_cache_unique", "(b) + encoder cache, a no-repeat stream", args.procs, unique, cache_env)
         if not args.skip_naive:
             threads = {"OMP_NUM_THREADS": str(args.naive_threads)} if args.naive_threads else {}
-            await arm(
-                "c_naive",
-                f"(c) naive peer for {args.naive_seconds:.0f} s",
-                1,
-                posts,
-                False,
-                threads,
-                ["export.bench_naive"],
-                args.naive_seconds,
-            )
+            what = f"(c) naive peer for {args.naive_seconds:.0f} s"
+            await arm("c_naive", what, 1, posts, threads, ["export.bench_naive"], args.naive_seconds)
         PROGRESS.done()
         return res
 
@@ -872,6 +872,10 @@ def markdown(report: dict[str, Any]) -> str:
     row(f"scaling: {procs} workers / 1 worker [×]", lambda r: r["ratios"]["bN_over_b1"], 2)
     row(f"scaling: {procs} processes / 1 process, compute only [×]", lambda r: r["ratios"]["aN_over_a1"], 2)
     row("one batch of max_batch computed in-process [ms]", lambda r: r["batch_compute_s"], 0, 1000)
+    row(
+        "100 % load below = the lowest saturated rate of the policies [posts/s]",
+        _path(key(first), "latency_reference_posts_s"),
+    )
     for f in cfg["loads"]:
         load = f"{f:.2f}"
         for policy in policies:
@@ -977,7 +981,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs="*",
         default=[0.25, 0.5, 0.8, 0.95],
-        help="open-loop loads, as fractions of each policy's own saturated rate",
+        help="open-loop loads, as fractions of the lowest saturated rate of the policies (same rates for all)",
     )
     parser.add_argument(
         "--policies",
