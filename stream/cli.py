@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("stream.service.app", "run the Faust streaming worker"),
     "record": ("stream.tools.recording", "record a topic into a replayable file"),
     "replay": ("stream.tools.replay", "replay a recording with injected faults and write a robustness report"),
+    "chaos": ("stream.tools.chaos", "kill, stall and poison two workers on a private stack; account for every post"),
     "bench": ("stream.tools.bench", "measure the compute limit, the real pipeline, a naive PyTorch peer and latency"),
 }
 

@@ -1,9 +1,11 @@
 """The Faust app: consume ``posts`` in micro-batches, emit ``sentiment`` and dead letters; ``sentiment-stream worker``.
 
-The wiring only: each micro-batch becomes a list of :class:`~stream.service.scoring.InputRecord` handed to
-:meth:`ScoringService.process <stream.service.processing.ScoringService.process>`, which returns once every
-output is acknowledged by the broker. Faust acks the batch only after that, so delivery is at-least-once
-(outputs are keyed by post id for de-duplication). No Faust tables: Redis is the only state.
+The wiring only: each micro-batch (sized by :mod:`stream.service.batching`) becomes a list of
+:class:`~stream.service.scoring.InputRecord` handed to :meth:`ScoringService.process
+<stream.service.processing.ScoringService.process>`, which returns once every output is acknowledged by the
+broker. The agent acks the batch only after that, itself, on a no-ack stream (docs/reliability.md): a batch
+that fails is retried, then stops the worker un-acked. Delivery is at-least-once (outputs are keyed by post
+id for de-duplication). No Faust tables: Redis is the only state.
 """
 
 from __future__ import annotations
@@ -191,20 +193,22 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
                 )
                 await asyncio.sleep(delay)
                 delay *= 2
-        update_lag()
+        await update_lag()
         return float(outcome.stages.get("batch", 0.0))
 
-    def update_lag() -> None:
+    async def update_lag() -> None:
         # The fetch high-water mark, not ListOffsets: Tansu answers ListOffsets(LATEST) wrongly.
         total = 0
         for tp in list(app.consumer.assignment()):
             try:
                 highwater = app.consumer.highwater(tp)
+                position = service.positions.get((tp.topic, tp.partition))
+                if position is None:  # nothing processed here yet: the committed offset is the next to process
+                    position = getattr(app.consumer, "_committed_offset", {}).get(tp)
+                if position is None:  # nothing committed either: where the consumer reads from
+                    position = await app.consumer.position(tp)
             except Exception:  # not assigned any more, or no fetch yet
                 continue
-            position = service.positions.get((tp.topic, tp.partition))
-            if position is None:  # nothing processed here yet: the committed offset is the next to process
-                position = getattr(app.consumer, "_committed_offset", {}).get(tp)
             if highwater is None or position is None:
                 continue
             metrics.set_consumer_lag(tp.topic, tp.partition, highwater, position)
@@ -220,7 +224,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         """
         while True:
             with contextlib.suppress(Exception):
-                update_lag()
+                await update_lag()
             if await _broker_answers(app, settings.ready_broker_timeout_s):
                 health_state.broker_ok_at = time.monotonic()
             await asyncio.sleep(settings.broker_probe_interval_s)

@@ -22,7 +22,7 @@ import msgpack
 from PIL import Image
 
 from stream.service.errors import PostRejected, RejectReason
-from stream.service.preprocess import decoded_bytes_per_pixel, shrink_for_encoder
+from stream.service.preprocess import ENCODER_DECODE_SIDE, decoded_bytes_per_pixel, shrink_for_encoder
 from stream.service.settings import Settings, get_settings
 from stream.service.vocabulary import LABELS, MODALITIES, Modality
 
@@ -181,6 +181,9 @@ def decode_image(
         raise PostRejected("image_undecodable", "image has no pixels")
     if max(width, height) / min(width, height) > max_aspect:
         raise PostRejected("image_too_large", f"image is {width}x{height} px, aspect ratio limit {max_aspect:g}")
+    if img.format == "JPEG":  # decode at the smallest scale that still serves the encoder
+        img.draft(img.mode, (ENCODER_DECODE_SIDE, ENCODER_DECODE_SIDE))
+        width, height = img.size
     decoded = width * height * decoded_bytes_per_pixel(img.mode)
     if max_decoded_bytes is not None and decoded > max_decoded_bytes:
         raise PostRejected(

@@ -6,7 +6,8 @@
 -- KEYS[2]      seeded flag (used only in mode "seed")
 -- KEYS[2+g]    list of float32 vectors of the g-th modality group (oldest at the head)
 -- ARGV[1]      K, the bound on each list
--- ARGV[2]      mode: "push" | "seed" (seed = only if the flag is not set yet; sets it)
+-- ARGV[2]      mode: "push" | "seed" (only if the flag is not set yet; sets it) | "reseed" (sets it regardless:
+--              the queue was lost or cut short, e.g. Redis restarted without persistence)
 -- ARGV[3]      number of modality groups G
 -- then per group: name, n, dim, sum of the pushed vectors, sum of their squares (packed doubles,
 -- computed by the client so Lua only unpacks what it evicts), then the n vectors.
@@ -41,6 +42,9 @@ end
 if mode == 'seed' and not redis.call('SET', KEYS[2], '1', 'NX') then
     return 0
 end
+if mode == 'reseed' then
+    redis.call('SET', KEYS[2], '1')
+end
 
 local lengths = {}
 for g = 1, G do
@@ -59,7 +63,10 @@ for g = 1, G do
     local len = redis.call('LLEN', grp.key)
     local evicted = {}
     if len > K then
-        evicted = redis.call('LPOP', grp.key, len - K)
+        -- LRANGE + LTRIM, not `LPOP key count`: that form needs Redis 6.2, and on older servers the script
+        -- failed here after its RPUSH, half-applied, leaving the list to grow without bound.
+        evicted = redis.call('LRANGE', grp.key, 0, len - K - 1)
+        redis.call('LTRIM', grp.key, len - K, -1)
         len = K
     end
     local cur = redis.call('HMGET', H, grp.name .. ':sum', grp.name .. ':sumsq')

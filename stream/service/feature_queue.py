@@ -38,6 +38,7 @@ from stream.service.moments import QUEUE_VAR_FLOOR, moments_from_sums
 from stream.service.settings import Settings, get_settings
 
 __all__ = [
+    "CorruptQueue",
     "DriftReport",
     "FeatureQueue",
     "Moments",
@@ -196,13 +197,27 @@ def _moments_fields(modalities: Sequence[str]) -> list[str]:
     return [f"{m}:{f}" for m in modalities for f in ("n", "sum", "sumsq")]
 
 
-def _parse_moments(modalities: Sequence[str], values: Sequence[Any]) -> dict[str, Moments]:
+class CorruptQueue(ValueError):
+    """The moments hash holds something this code did not write (wrong type, length or non-finite values)."""
+
+
+def _parse_moments(modalities: Sequence[str], values: Sequence[Any], dim: int | None = None) -> dict[str, Moments]:
+    """Moments per modality from one HMGET; raises :class:`CorruptQueue` for anything malformed."""
     out: dict[str, Moments] = {}
     for i, m in enumerate(modalities):
         n, s, q = values[3 * i : 3 * i + 3]
-        if n is None or s is None or q is None or int(n) == 0:
+        try:
+            count = 0 if n is None else int(n)
+        except (TypeError, ValueError):
+            raise CorruptQueue(f"{m}: count {n!r} is not an integer") from None
+        if n is None or s is None or q is None or count == 0:
             continue
-        out[m] = Moments(int(n), _unpack_f64(s), _unpack_f64(q))
+        if count < 0 or len(s) % 8 or len(s) != len(q) or (dim is not None and len(s) != 8 * dim):
+            raise CorruptQueue(f"{m}: count {count}, sums of {len(s)} and {len(q)} bytes (want {dim} doubles)")
+        moments = Moments(count, _unpack_f64(s), _unpack_f64(q))
+        if not (np.isfinite(moments.sum).all() and np.isfinite(moments.sumsq).all()):
+            raise CorruptQueue(f"{m}: sums are not finite")
+        out[m] = moments
     return out
 
 
@@ -260,10 +275,12 @@ class FeatureQueue:
         var_floor: float = QUEUE_VAR_FLOOR,
         retry_after_s: float = 1.0,
         redis_url: str | None = None,
+        dim: int | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         self.keys = QueueKeys(version)
         self.modalities = tuple(modalities)
+        self.dim = dim  # when known, moments of another width are corrupt, not statistics
         self.metrics = metrics or get_metrics()
         self.var_floor = var_floor
         self.retry_after_s = retry_after_s
@@ -277,6 +294,12 @@ class FeatureQueue:
         self._read_lock = asyncio.Lock()
         self._pending_seed: dict[str, np.ndarray] | None = None
         self._seed_task: asyncio.Task[bool] | None = None
+        # The training-time snapshot, kept to reseed a queue that was lost (FLUSHALL, restart without
+        # persistence) or cut short; below min_counts a queue's statistics are not trusted.
+        self._seed_snapshot: dict[str, np.ndarray] | None = None
+        self._pending_mode = "seed"
+        self.min_counts: dict[str, int] = {}
+        self._corrupt = False
 
     def _make_client(self, read_timeout_s: float) -> aioredis.Redis:
         # No retries inside redis-py: each call is bounded by one timeout, and our own back-off decides
@@ -349,19 +372,31 @@ class FeatureQueue:
                 return last
             if not self._available():
                 return self._degraded()
-            if self._pending_seed is not None and (self._seed_task is None or self._seed_task.done()):
-                # In the background: a seed may take longer than a batch can wait.
-                self._seed_task = asyncio.create_task(self.seed(self._pending_seed))
+            self._start_pending_seed()
             try:
-                values = await self._call(
-                    self._client.hmget(self.keys.moments, _moments_fields(self.modalities)),
-                    self.settings.redis_timeout_s,
-                )
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.hmget(self.keys.moments, _moments_fields(self.modalities))
+                    pipe.exists(self.keys.seeded)
+                    values, seeded = await self._call(pipe.execute(), self.settings.redis_timeout_s)
             except _REDIS_ERRORS as exc:
                 await self._failed("read", exc)
                 return self._degraded()
             self._recovered()
-            moments = _parse_moments(self.modalities, values)
+            try:
+                moments = _parse_moments(self.modalities, values, self.dim)
+            except CorruptQueue as exc:
+                # Redis answers, but with something we did not write: score on, flagged, and say so.
+                self.metrics.redis_errors.labels("parse").inc()
+                if not self._corrupt:
+                    log.error(
+                        "feature queue: the moments of version %s are corrupt (%s); events are flagged until"
+                        " they are repaired (SyncFeatureQueue.repair) or the keys are deleted (reseeded)",
+                        self.keys.version,
+                        exc,
+                    )
+                self._corrupt = True
+                return self._degraded()
+            self._corrupt = False
             stats = QueueStats("ok", read_at=time.monotonic())
             for m in self.modalities:
                 mo = moments.get(m)
@@ -369,8 +404,28 @@ class FeatureQueue:
                 if mo is not None and mo.count >= _MIN_COUNT:
                     stats.mean[m], stats.var[m] = mo.mean_var(self.var_floor)
             self._set_lengths(stats.count)
+            if self._seed_snapshot is not None and (not seeded or self._short(stats.count)):
+                # The queue is gone (Redis lost its data) or a few vectors pushed since: its moments would
+                # describe a handful of posts. Reseed in the background; until then these are not trusted.
+                self._reseed()
+                return self._degraded()
             self._last_good = stats
             return stats
+
+    def _short(self, counts: Mapping[str, int]) -> bool:
+        return any(counts.get(m, 0) < n for m, n in self.min_counts.items())
+
+    def _reseed(self) -> None:
+        if self._pending_seed is None and self._seed_snapshot is not None:
+            log.warning("feature queue: version %s is missing or short in Redis; reseeding", self.keys.version)
+            self._pending_seed = self._seed_snapshot
+            self._pending_mode = "reseed"
+        self._start_pending_seed()
+
+    def _start_pending_seed(self) -> None:
+        if self._pending_seed is not None and (self._seed_task is None or self._seed_task.done()):
+            # In the background: a seed may take longer than a batch can wait.
+            self._seed_task = asyncio.create_task(self.seed(self._pending_seed, mode=self._pending_mode))
 
     def _degraded(self) -> QueueStats:
         last = self._last_good
@@ -417,7 +472,7 @@ class FeatureQueue:
         self._set_lengths(dict(zip(order, (int(n) for n in lengths), strict=True)))
         return True
 
-    async def seed(self, snapshot: Mapping[str, np.ndarray]) -> bool:
+    async def seed(self, snapshot: Mapping[str, np.ndarray], *, mode: str = "seed") -> bool:
         """Seed from the training-time queue (``{modality: float32 [K, d]}``) if this version was never
         seeded; True if this call seeded it.
 
@@ -425,18 +480,27 @@ class FeatureQueue:
         once and a crash cannot leave the flag set on an empty queue. If Redis is unavailable the
         snapshot is kept and retried in the background by a later :meth:`stats`.
         """
-        keys, args, order, _ = _script_call(self.keys, snapshot, self.settings.queue_length, "seed")
+        self._seed_snapshot = dict(snapshot)
+        k = self.settings.queue_length
+        self.min_counts = {
+            m: max(_MIN_COUNT, int(self.settings.queue_min_fill * min(k, len(rows))))
+            for m, rows in snapshot.items()
+            if len(rows)
+        }
+        keys, args, order, _ = _script_call(self.keys, snapshot, k, mode)
         timeout = max(self.settings.redis_timeout_s, _SEED_TIMEOUT_S)
         client = self._make_client(timeout)
         try:
             result = await self._call(client.eval(PUSH_SCRIPT, len(keys), *keys, *args), timeout)
         except _REDIS_ERRORS as exc:
             self._pending_seed = dict(snapshot)
+            self._pending_mode = mode
             await self._failed("seed", exc)
             return False
         finally:
             await client.aclose()
         self._pending_seed = None
+        self._pending_mode = "seed"
         self._recovered()
         if result == 0:
             return False

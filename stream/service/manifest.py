@@ -28,7 +28,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -263,7 +263,20 @@ class Manifest:
         """Absolute path of ONNX file ``key`` (see the class docstring for the keys)."""
         if key not in self.files:
             raise ManifestError(f"{self.root / MANIFEST_FILE}: no ONNX file {key!r} (has {sorted(self.files)})")
-        return self.root / self.files[key].path
+        return self.confined(self.files[key].path)
+
+    def confined(self, rel: str) -> Path:
+        """``rel`` inside the model directory; :class:`ManifestError` for an absolute path, a ``..`` or a link
+        that leads out (a manifest names files, it must not reach the rest of the file system)."""
+        pure = PurePosixPath(rel)
+        if not rel or pure.is_absolute() or Path(rel).is_absolute() or ".." in pure.parts or "\\" in rel:
+            raise ManifestError(f"{self.root / MANIFEST_FILE}: file path {rel!r} must be relative, inside the model "
+                                "directory, without '..'")
+        path = self.root / rel
+        root = self.root.resolve()
+        if path.exists() and not path.resolve().is_relative_to(root):
+            raise ManifestError(f"{self.root / MANIFEST_FILE}: file path {rel!r} leads out of the model directory")
+        return path
 
     def text_encoder(self, variant: str = "fp32") -> OnnxFile:
         """The text (and transcript) encoder of a variant, ``"fp32"`` or ``"int8"``."""
@@ -273,7 +286,7 @@ class Manifest:
         return self.files[file_key("text_encoder", variant)]
 
     def text_encoder_path(self, variant: str = "fp32") -> Path:
-        return self.root / self.text_encoder(variant).path
+        return self.confined(self.text_encoder(variant).path)
 
     def image_encoder_path(self) -> Path:
         return self.path_of("image_encoder")
@@ -286,13 +299,13 @@ class Manifest:
         return self.files[file_key("head", recovery)]
 
     def head_path(self, recovery: str) -> Path:
-        return self.root / self.head(recovery).path
+        return self.confined(self.head(recovery).path)
 
     def tokenizer_path(self) -> Path:
-        return self.root / self.tokenizer
+        return self.confined(self.tokenizer)
 
     def queue_path(self) -> Path:
-        return self.root / self.queue.path
+        return self.confined(self.queue.path)
 
     @property
     def version(self) -> str:
@@ -554,6 +567,8 @@ class Manifest:
         required = [f.path for f in self.files.values()] + [self.tokenizer, self.queue.path]
         if self.parity_report:
             required.append(self.parity_report)
+        for rel in required:
+            self.confined(rel)
         missing = [p for p in required if not (self.root / p).is_file()]
         if missing:
             raise ManifestError(f"{self.root}: missing file(s) named in {MANIFEST_FILE}: {', '.join(missing)}")

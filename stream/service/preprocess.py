@@ -17,6 +17,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 __all__ = [
+    "ENCODER_DECODE_SIDE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SIZE",
@@ -124,6 +125,8 @@ _MODE_BYTES: Final = {"1": 1, "L": 1, "P": 4, "LA": 2, "La": 2, "RGB": 3, "YCbCr
                       "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2}
 # The longest side an image keeps relative to its short side: image_to_array only reads a centred square.
 _KEEP_ASPECT: Final = 2
+# The side a JPEG is drafted to: twice the default resize target, so the box reduce below still has room.
+ENCODER_DECODE_SIDE: Final = 2 * round(IMAGE_SIZE * 256 / 224)
 
 
 def decoded_bytes_per_pixel(mode: str) -> int:

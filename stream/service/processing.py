@@ -48,7 +48,7 @@ class ScoringService:
         self.settings = settings
         self.metrics = metrics
         self.scorer = PostScorer(manifest, settings)
-        self.queue = FeatureQueue(manifest.version, settings, metrics=metrics)
+        self.queue = FeatureQueue(manifest.version, settings, metrics=metrics, dim=manifest.queue_dim)
         self.snapshot = manifest.queue_snapshot()
         # One thread: batches are sequential per agent, and ORT already uses intra-op threads.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")

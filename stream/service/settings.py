@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=1_000_000, ge=16_384)
     max_dead_letter_key_bytes: int = Field(default=1024, ge=16)
     max_image_aspect: float = Field(default=20.0, ge=1.0)  # long side / short side
-    # Decoded pixel bytes of one image (width x height x bands), checked from the header before decoding.
-    max_image_decoded_bytes: int = Field(default=100_000_000, ge=1)
+    # Decoded bytes of one image (width x height x bytes per pixel, after a JPEG's reduced-scale decode),
+    # checked from the header before decoding: a 5000 x 5000 RGBA PNG (100 MB) is refused, 4000 x 4000 fits.
+    max_image_decoded_bytes: int = Field(default=64_000_000, ge=1)
     max_batch_bytes: int = Field(default=16_000_000, ge=1)  # message bytes per micro-batch (at least one message)
     produce_timeout_s: float = Field(default=30.0, gt=0)  # producer_request_timeout and the wait for acks
     batch_retries: int = Field(default=3, ge=0)  # a failed batch is retried this often, then the worker stops
@@ -121,10 +122,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _dead_letters_fit(self) -> Settings:
-        if self.max_dead_letter_bytes > self.max_message_bytes - 1024:
+        # The record carries the key twice (as its key and inside the letter) plus ~1 kB of framing.
+        if self.max_dead_letter_bytes + self.max_dead_letter_key_bytes + 1024 > self.max_message_bytes:
             raise ValueError(
-                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) must stay 1 kB below max_message_bytes"
-                f" ({self.max_message_bytes}), the producer's request limit"
+                f"max_dead_letter_bytes ({self.max_dead_letter_bytes}) + max_dead_letter_key_bytes"
+                f" ({self.max_dead_letter_key_bytes}) + 1 kB must fit max_message_bytes ({self.max_message_bytes}),"
+                " the producer's request limit"
             )
         return self
 

@@ -476,8 +476,10 @@ def test_k8s_worker_deployment_probes_health_limits_one_cpu_and_reads_settings_f
     assert settings.metrics_host == "0.0.0.0" and settings.web_host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": settings.metrics_port, "web": settings.web_port}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "web"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "web"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "web"}
+    (redis_url,) = [e for e in container["env"] if e["name"] == "SENTIMENT_REDIS_URL"]
+    assert redis_url["valueFrom"]["secretKeyRef"], "the Redis URL carries a password: from a Secret"
     resources = container["resources"]
     assert str(resources["requests"]["cpu"]) == str(resources["limits"]["cpu"]) == "1"
     assert settings.intra_op_threads == 1

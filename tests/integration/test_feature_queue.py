@@ -311,10 +311,13 @@ async def test_stale_stats_while_redis_is_down_then_recovery_and_pending_seed(
 
         server.start()  # same port, empty data, empty script cache
         await asyncio.sleep(0.25)
-        assert (await q.stats()).status == "ok"
         deadline = time.monotonic() + 5
+        seen = []
         while (back := await q.stats()).count != dict.fromkeys(MODS, 20) and time.monotonic() < deadline:
+            seen.append(back.status)
             await asyncio.sleep(0.02)  # the pending seed is retried in the background
+        # Redis came back empty: until the seed lands, its moments are not trusted (the last good ones are used)
+        assert set(seen) <= {"queue_stale"}
         assert back.status == "ok"
         assert back.count == dict.fromkeys(MODS, 20)
         np.testing.assert_allclose(back.mean["text"], snapshot["text"].mean(0), rtol=1e-5, atol=1e-6)
