@@ -41,6 +41,7 @@ from stream.tools.classification import classification_metrics, macro_f1
 __all__ = [
     "BATCH_SIZES",
     "EMBEDDING_ATOL",
+    "INT8_MAX_MACRO_F1_DROP",
     "INT8_MIN_MEAN_COSINE",
     "MIN_COSINE",
     "PROB_ATOL",
@@ -50,6 +51,7 @@ __all__ = [
     "head_samples_from_encoders",
     "image_encoder_parity",
     "int8_accuracy_cost",
+    "int8_gate",
     "random_presence",
     "real_images",
     "real_texts",
@@ -66,6 +68,9 @@ EMBEDDING_ATOL: Final = 1e-4  # fp32 encoders (measured ≤ 3.3e-7 text, ≤ 7e-
 MIN_COSINE: Final = 0.9999
 # int8 per-channel measured cos mean 0.991 vs fp32; per-tensor scales give 0.957. The gate catches the latter.
 INT8_MIN_MEAN_COSINE: Final = 0.98
+# The int8 gate (manifest `int8_gate`): serving's `auto` uses int8 only if macro-F1 on the test split drops by
+# at most this much against the fp32 ONNX encoder, with every modality present and text only.
+INT8_MAX_MACRO_F1_DROP: Final = 0.005
 _TWEMOJI_TGZ: Final = "emoji-datasource-twitter-16.0.0.tgz"
 
 
@@ -416,6 +421,44 @@ def int8_accuracy_cost(
         "texts_per_second": {v: n_texts / timing[v] for v in ("fp32", "int8")},
         "speedup_int8": timing["fp32"] / timing["int8"],
     }
+
+
+def int8_gate(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The int8 gate from a parity report: ``passed`` iff the int8 encoder passed its parity gate (mean cosine
+    with fp32 PyTorch ≥ :data:`INT8_MIN_MEAN_COSINE`) **and** its macro-F1 cost was measured and is at most
+    :data:`INT8_MAX_MACRO_F1_DROP` (all modalities and text only). None when no int8 encoder was exported.
+    """
+    parity = report.get("encoders", {}).get("text_encoder_int8")
+    if parity is None:
+        return None
+    gate: dict[str, Any] = {
+        "parity_passed": bool(parity["passed"]),
+        "cosine_mean": parity["cosine_mean"],
+        "min_mean_cosine": INT8_MIN_MEAN_COSINE,
+        "max_macro_f1_drop": INT8_MAX_MACRO_F1_DROP,
+        "accuracy_measured": False,
+    }
+    accuracy = report.get("int8_accuracy")
+    reasons = [] if parity["passed"] else [f"mean cosine {parity['cosine_mean']:.4f} < {INT8_MIN_MEAN_COSINE}"]
+    if accuracy is None:
+        reasons.append("macro-F1 cost not measured (no feature cache, or --int8-eval-posts 0)")
+    else:
+        metrics = accuracy["metrics"]
+        deltas = {k: float(metrics[k]["delta_macro_f1_int8_minus_fp32"]) for k in ("all_available", "text_only")}
+        gate.update(accuracy_measured=True, posts=accuracy["posts"], delta_macro_f1=deltas,
+                    delta_macro_f1_ci95={k: metrics[k]["delta_macro_f1_ci95"] for k in deltas},
+                    speedup=accuracy.get("speedup_int8"))
+        worst = min(deltas.values())
+        if worst < -INT8_MAX_MACRO_F1_DROP:
+            reasons.append(f"macro-F1 drops by {-worst:.4f} > {INT8_MAX_MACRO_F1_DROP}")
+    gate["passed"] = not reasons
+    if reasons:
+        gate["reason"] = "; ".join(reasons)
+    else:
+        d = gate["delta_macro_f1"]
+        gate["reason"] = (f"cosine {parity['cosine_mean']:.4f}, Δ macro-F1 {d['all_available']:+.4f} (all), "
+                          f"{d['text_only']:+.4f} (text only) on {gate['posts']} test posts")
+    return gate
 
 
 def _paired_bootstrap_ci(

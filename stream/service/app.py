@@ -29,7 +29,7 @@ from aiohttp import web
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode.supervisors import CrashingSupervisor
 
-from stream.service.batching import batch_policy
+from stream.service.batching import batch_capacity, batch_policy
 from stream.service.kafka_sensor import KafkaClientSensor
 from stream.service.logs import logging_config, set_log_context
 from stream.service.manifest import Manifest
@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         producer_max_request_size=settings.max_message_bytes,  # a post at the image limit fits (settings.py)
         consumer_max_fetch_size=settings.max_message_bytes,
         # Faust's prefetch buffer counts messages (default 4,096, up to 24 GB of 6 MB posts): one batch's worth.
-        stream_buffer_maxsize=settings.max_batch,
+        stream_buffer_maxsize=batch_capacity(settings),
     )
     app.sensors.add(KafkaClientSensor(metrics))  # rebalances, commit latency, produce errors/retries
 
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         # take_events acks in a `finally` (an exception acks the batch, faust-streaming#527) and, once it
         # restores `enable_acks`, its drainer acks whatever is still buffered; a noack stream never acks.
         manual = stream.noack()
-        buffer = _EventBuffer(capacity=settings.max_batch)
+        buffer = _EventBuffer(capacity=batch_capacity(settings))
         pump = asyncio.ensure_future(buffer.fill_from(manual))
         try:
             while True:

@@ -253,6 +253,9 @@ class Manifest:
     # The probability cut-off the training queue was filled with; None in manifests exported before it was
     # recorded. Serving enqueues by it too: see :meth:`enqueue_min_confidence_for`.
     enqueue_min_confidence: float | None = None
+    # Whether the int8 text encoder passed the export's parity and accuracy gate (``passed``, the measured
+    # values, ``reason``); None in manifests exported before it was recorded. See :meth:`serving_text_encoder`.
+    int8_gate: Mapping[str, Any] | None = None
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -350,6 +353,30 @@ class Manifest:
         params = self.text if modality == "text" else self.transcript
         return TextTokenizer.from_file(self.tokenizer_path(), max_length=params.max_tokens)
 
+    def serving_text_encoder(self, settings: Settings | None = None) -> tuple[str, str]:
+        """``(variant, why)``: the text encoder a worker with ``settings`` serves, and the reason in words.
+
+        ``settings.text_encoder`` ``fp32`` or ``int8`` is the operator's explicit choice. ``auto`` (the
+        default) serves int8 only on CPU and only when the export recorded that its int8 gate passed (parity
+        with the fp32 PyTorch encoder and the macro-F1 cost on the test split), fp32 otherwise.
+        """
+        from stream.service.settings import get_settings
+
+        settings = settings or get_settings()
+        asked = settings.text_encoder
+        gate = self.int8_gate
+        if asked != "auto":
+            return asked, f"SENTIMENT_TEXT_ENCODER={asked}"
+        if settings.providers == "cuda":
+            return "fp32", "auto: on CUDA the fp32 encoder (dynamic int8 quantisation is a CPU optimisation)"
+        if "int8" not in self.text_encoder_variants:
+            return "fp32", "auto: no int8 text encoder in this export"
+        if gate is None:
+            return "fp32", "auto: this export recorded no int8 gate (exported before it existed); re-run the gate"
+        if not gate.get("passed"):
+            return "fp32", f"auto: the int8 gate did not pass ({gate.get('reason', 'no reason recorded')})"
+        return "int8", f"auto: the int8 gate passed ({gate.get('reason', '')})"
+
     def enqueue_min_confidence_for(self, settings: Settings) -> float:
         """The least max-probability of a post whose features serving pushes into the queue.
 
@@ -384,7 +411,9 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         cut_off = self.enqueue_min_confidence
-        optional = {} if cut_off is None else {"enqueue_min_confidence": cut_off}
+        optional: dict[str, Any] = {} if cut_off is None else {"enqueue_min_confidence": cut_off}
+        if self.int8_gate is not None:
+            optional["int8_gate"] = dict(self.int8_gate)
         return {
             "format_version": self.format_version,
             "model_version": self.model_version,
@@ -447,6 +476,7 @@ class Manifest:
                 labels=tuple(data.get("labels", LABELS)),
                 format_version=version,
                 enqueue_min_confidence=None if min_confidence is None else float(min_confidence),
+                int8_gate=dict(data["int8_gate"]) if isinstance(data.get("int8_gate"), dict) else None,
             )
         except ManifestError:
             raise
@@ -520,9 +550,10 @@ class Manifest:
         from stream.service.settings import get_settings
 
         settings = settings or get_settings()
-        self.text_encoder(settings.text_encoder)
+        variant, _ = self.serving_text_encoder(settings)
+        self.text_encoder(variant)
         self.head(settings.recovery)
-        return [file_key("text_encoder", settings.text_encoder), "image_encoder", file_key("head", settings.recovery)]
+        return [file_key("text_encoder", variant), "image_encoder", file_key("head", settings.recovery)]
 
     def session(self, key: str, settings: Settings | None = None) -> ModelSession:
         """The (cached) ONNX Runtime session of file ``key``, from :func:`stream.service.runtime.create_session`."""
@@ -687,6 +718,9 @@ def replace_graph(directory: str | Path, key: str, source: str | Path, settings:
         exporter["replaced"] = {**dict(exporter.get("replaced") or {}),
                                 key: {"source": str(source.resolve()), "sha256": described.sha256}}
         updated = dataclasses.replace(manifest, files={**manifest.files, key: described}, exporter=exporter)
+        if key == file_key("text_encoder", "int8") and manifest.int8_gate is not None:
+            # the gate measured the exported graph, not the user's: `auto` serves fp32 until it is re-measured
+            updated = dataclasses.replace(updated, int8_gate={"passed": False, "reason": "the int8 graph was replaced"})
         updated = dataclasses.replace(updated, model_version=model_version(updated))
         updated._check_contracts()
     except ManifestError as exc:

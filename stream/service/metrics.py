@@ -93,6 +93,8 @@ METRIC_NAMES: Final = (
     "sentiment_queue_variance_ratio",
     "sentiment_missing_pattern_share_ratio",
     "sentiment_quality_mean_ratio",
+    "sentiment_batch_plan_records",
+    "sentiment_encode_cache_lookups_total",
 )
 
 
@@ -266,6 +268,18 @@ class Metrics:
             "sentiment_quality_mean_ratio",
             "Mean DRF quality weight of the last scored posts that carried the modality, by modality.",
             ["modality"],
+            registry=r,
+        )
+        # Performance: the batch policy's chosen size (batching.py) and the encoder cache (encode_cache.py).
+        self.batch_plan = Gauge(
+            "sentiment_batch_plan_records",
+            "Most records the batch policy allows in the next micro-batch (adaptive: follows backlog and SLO).",
+            registry=r,
+        )
+        self.encode_cache = Counter(
+            "sentiment_encode_cache_lookups",
+            "Encoder-cache lookups by modality and result (hit | miss); hit rate = hit / all.",
+            ["modality", "result"],
             registry=r,
         )
         self._onnx_labels: dict[str, tuple[str, str, str]] = {}

@@ -6,12 +6,15 @@ CUDAExecutionProvider then CPU, ``cpu`` for CPU only. What was *obtained* is che
 (``onnxruntime-gpu`` lists CUDA as available even without a GPU, then falls back to CPU with only an
 ERROR line from its C++ logger): ``ModelSession.provider`` says which, and one warning is logged when
 CUDA was asked for but CPU was obtained. Threads are set for small shared hosts: ``intra_op_threads``
-from settings, one inter-op thread, sequential execution, no spinning.
+from settings, one inter-op thread, sequential execution, no spinning; :func:`pin_thread_pools` pins the
+other native pool a worker would start (the Rust tokenizer's). On CUDA, :meth:`ModelSession.run` uses
+I/O binding: inputs are copied to the device once, outputs are allocated there and copied back once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ __all__ = [
     "TensorSpec",
     "clear_session_cache",
     "create_session",
+    "pin_thread_pools",
     "requested_providers",
     "session_options",
 ]
@@ -95,6 +99,21 @@ def requested_providers(requested: str) -> list[Any]:
     return [CPU]
 
 
+def pin_thread_pools(settings: Settings) -> dict[str, str]:
+    """Pin the native thread pools a worker would otherwise size to the machine; returns what was set.
+
+    The Rust tokenizer (``tokenizers``) parallelises ``encode_batch`` over a rayon pool of one thread per
+    core, created at its first use: with one worker per core that is cores² threads fighting for the
+    cores the ONNX sessions use. ``tokenizer_threads`` = 1 (default) turns it off, so a batch is tokenised
+    on the scoring thread itself. Must run before the first ``encode_batch`` of the process (the pool
+    reads ``RAYON_NUM_THREADS`` once); ``TOKENIZERS_PARALLELISM`` is read on every call.
+    """
+    threads = max(1, settings.tokenizer_threads)
+    pinned = {"RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false" if threads == 1 else "true"}
+    os.environ.update(pinned)
+    return pinned
+
+
 def session_options(settings: Settings) -> ort.SessionOptions:
     """Session options for a shared, small CPU host: few threads, sequential, no spinning.
 
@@ -121,7 +140,9 @@ class ModelSession:
     concurrently from executor threads (ONNX Runtime's ``run`` is thread-safe and releases the GIL).
     """
 
-    def __init__(self, path: Path, session: ort.InferenceSession, requested: str) -> None:
+    def __init__(
+        self, path: Path, session: ort.InferenceSession, requested: str, io_binding: bool | None = None
+    ) -> None:
         self.path = path
         self.name = path.stem
         self.requested = requested
@@ -131,6 +152,9 @@ class ModelSession:
         self.inputs = tuple(TensorSpec.from_node(n) for n in session.get_inputs())
         self.outputs = tuple(TensorSpec.from_node(n) for n in session.get_outputs())
         self._input_by_name = {s.name: s for s in self.inputs}
+        # I/O binding on CUDA (None: exactly when the session runs on CUDA); on CPU it only adds a copy.
+        self.io_binding = self.provider == CUDA if io_binding is None else io_binding
+        self._device = "cuda" if self.provider == CUDA else "cpu"
 
     def __repr__(self) -> str:
         return f"ModelSession({self.path.name!r}, provider={self.provider!r})"
@@ -183,8 +207,21 @@ class ModelSession:
             if not spec.accepts(value.shape):
                 raise ModelInputMismatch(f"{self.path.name}: input {name!r} has shape {spec.shape}, got {value.shape}")
         names = list(outputs) if outputs is not None else list(self.output_names)
+        if self.io_binding:
+            return self._run_bound(feeds, names)
         results = self._session.run(names, dict(feeds))
         return dict(zip(names, results, strict=True))
+
+    def _run_bound(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """One run with I/O binding: each input copied to the session's device once, outputs allocated there
+        and copied back once (no per-output staging). A binding is cheap and not shared between threads."""
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in names:
+            binding.bind_output(name, self._device, 0)
+        self._session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
 
 _cache: dict[tuple[Any, ...], ModelSession] = {}

@@ -8,12 +8,15 @@ the caller), vectors to enqueue come out (pushed by the caller), so this module 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from stream.service.encode_cache import EncodeCache
 from stream.service.events import (
     LABELS,
     MODALITIES,
@@ -26,9 +29,12 @@ from stream.service.events import (
 )
 from stream.service.feature_queue import QueueStats
 from stream.service.manifest import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_OUTPUT, Manifest
+from stream.service.metrics import Metrics, get_metrics
 from stream.service.preprocess import TextTokenizer, images_to_batch
-from stream.service.runtime import ModelSession, create_session
+from stream.service.runtime import CUDA, ModelSession, create_session, pin_thread_pools
 from stream.service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchOutcome", "InputRecord", "PostScorer"]
 
@@ -57,12 +63,21 @@ class BatchOutcome:
 class PostScorer:
     """Encoders + head from an exported manifest, with the preprocessing they were trained with."""
 
-    def __init__(self, manifest: Manifest, settings: Settings | None = None, recovery: str | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        settings: Settings | None = None,
+        recovery: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings or get_settings()
+        self._metrics = metrics  # only the encoder cache reports here; None: the process's metrics
         self.manifest = manifest
         self.recovery = recovery or self.settings.recovery
         self.version = manifest.version
-        self.text_session = create_session(manifest.text_encoder_path(self.settings.text_encoder), self.settings)
+        self.thread_env = pin_thread_pools(self.settings)  # before the tokenizer's first batch
+        self.text_variant, self.text_variant_reason = manifest.serving_text_encoder(self.settings)
+        self.text_session = create_session(manifest.text_encoder_path(self.text_variant), self.settings)
         self.image_session = create_session(manifest.image_encoder_path(), self.settings)
         self.head_session = create_session(manifest.head_path(self.recovery), self.settings)
         self.tokenizer = manifest.text_tokenizer("text")
@@ -72,8 +87,33 @@ class PostScorer:
         self.queue_dim = manifest.queue_dim  # width of the projected features the queue holds
         # Moments of the training-time queue: the fallback when Redis has never answered.
         self.fallback_mean, self.fallback_var = manifest.queue_moments()
-        self.sub_batch = max(1, self.settings.encode_sub_batch)
-        self.image_sub_batch = max(1, self.settings.image_sub_batch)
+        # Sub-batches: measured on CPU (docs/performance.md); a GPU wants far bigger ones.
+        gpu = self.settings.gpu_sub_batch
+        self.sub_batch = gpu if self.text_session.provider == CUDA else max(1, self.settings.encode_sub_batch)
+        self.image_sub_batch = gpu if self.image_session.provider == CUDA else max(1, self.settings.image_sub_batch)
+        entries = self.settings.encode_cache_entries
+        self.cache = EncodeCache(entries, f"{self.version}/{self.text_variant}") if entries > 0 else None
+        self._cache_reported: dict[str, tuple[int, int]] = {}
+        if self.text_variant == "fp32" and self.text_variant_reason.startswith("auto"):
+            log.warning("serving the fp32 text encoder: %s", self.text_variant_reason)
+        log.info("serving configuration: %s", " ".join(f"{k}={v}" for k, v in self.configuration.items()))
+
+    @property
+    def configuration(self) -> dict[str, Any]:
+        """What this scorer chose (the worker logs it at start; the bench records it)."""
+        return {
+            "model": self.version,
+            "text_encoder": self.text_variant,
+            "text_encoder_why": repr(self.text_variant_reason),
+            "providers": ",".join(f"{n}:{s.provider}" for n, s in self.sessions.items()),
+            "io_binding": any(s.io_binding for s in self.sessions.values()),
+            "text_sub_batch": self.sub_batch,
+            "image_sub_batch": self.image_sub_batch,
+            "intra_op_threads": self.settings.intra_op_threads,
+            "tokenizer_threads": self.thread_env["RAYON_NUM_THREADS"],
+            "encode_cache_entries": self.settings.encode_cache_entries,
+            "recovery": self.recovery,
+        }
 
     @property
     def sessions(self) -> dict[str, ModelSession]:
@@ -109,7 +149,20 @@ class PostScorer:
             max_key_bytes=self.settings.max_dead_letter_key_bytes,
         )
 
-    def encode_texts(self, texts: Sequence[str], tokenizer: TextTokenizer, dim: int | None = None) -> np.ndarray:
+    def encode_texts(
+        self, texts: Sequence[str], tokenizer: TextTokenizer, dim: int | None = None, modality: str = "text"
+    ) -> np.ndarray:
+        """[n, dim] embeddings of ``texts`` (``modality``: text or transcript), through the cache when it is on."""
+        if self.cache is None or not texts:
+            return self._encode_texts(texts, tokenizer, dim)
+        out = self.cache.encode(
+            modality, texts, lambda rows: self._encode_texts([texts[i] for i in rows], tokenizer, dim),
+            dim or self.dims["text"],
+        )
+        self._report_cache(modality)
+        return out
+
+    def _encode_texts(self, texts: Sequence[str], tokenizer: TextTokenizer, dim: int | None = None) -> np.ndarray:
         """[n, dim] embeddings (dim: the text encoder's width by default), bucketed by token count.
 
         Texts are bucketed so that short tweets are not padded to long ones.
@@ -131,6 +184,28 @@ class PostScorer:
         return out
 
     def encode_images(self, posts: Sequence[Post]) -> np.ndarray:
+        """[n, dim] embeddings of the posts' images, through the cache (keyed by the image bytes) when it is on."""
+        if self.cache is None or not posts or any(p.image is None for p in posts):
+            return self._encode_images(posts)
+        out = self.cache.encode(
+            "image", [p.image or b"" for p in posts], lambda rows: self._encode_images([posts[i] for i in rows]),
+            self.dims["image"],
+        )
+        self._report_cache("image")
+        return out
+
+    def _report_cache(self, modality: str) -> None:
+        """Add the cache's new hits and misses of ``modality`` to ``sentiment_encode_cache_lookups_total``."""
+        if self.cache is None:
+            return
+        stats = self.cache.stats(modality)
+        seen = self._cache_reported.get(modality, (0, 0))
+        metrics = self._metrics or get_metrics()
+        metrics.encode_cache.labels(modality, "hit").inc(stats.hits - seen[0])
+        metrics.encode_cache.labels(modality, "miss").inc(stats.misses - seen[1])
+        self._cache_reported[modality] = (stats.hits, stats.misses)
+
+    def _encode_images(self, posts: Sequence[Post]) -> np.ndarray:
         if not posts:
             return np.zeros((0, self.dims["image"]), np.float32)
         pixels = images_to_batch([p.pixels for p in posts if p.pixels is not None], self.image_size)
@@ -171,7 +246,10 @@ class PostScorer:
         feats["image"][rows["image"]] = self.encode_images([posts[i] for i in rows["image"]])
         t2 = clock()
         feats["transcript"][rows["transcript"]] = self.encode_texts(
-            [posts[i].transcript or "" for i in rows["transcript"]], self.transcript_tokenizer, self.dims["transcript"]
+            [posts[i].transcript or "" for i in rows["transcript"]],
+            self.transcript_tokenizer,
+            self.dims["transcript"],
+            "transcript",
         )
         t3 = clock()
         for j, m in enumerate(MODALITIES):

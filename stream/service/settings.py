@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     recovery: Literal["fsrf", "drf"] = "fsrf"
     providers: Literal["cpu", "cuda"] = "cpu"
     intra_op_threads: int = Field(default=1, ge=0)
-    text_encoder: Literal["fp32", "int8"] = "fp32"
-    encode_sub_batch: int = Field(default=16, ge=1)  # text is length-bucketed into sub-batches this big
+    # auto: int8 when the export's int8 gate passed (manifest `int8_gate`), else fp32 with a warning
+    text_encoder: Literal["auto", "fp32", "int8"] = "auto"
+    encode_sub_batch: int = Field(default=8, ge=1)  # CPU: text is length-bucketed into sub-batches this big
     image_sub_batch: int = Field(default=8, ge=1)  # the CNN gains nothing from bigger batches (docs/performance.md)
     enqueue_min_confidence: float = Field(default=0.8, ge=0, le=1)
     enqueue_min_quality: float = Field(default=0.2, ge=0, le=1)
@@ -108,6 +109,16 @@ class Settings(BaseSettings):
     broker_probe_interval_s: float = Field(default=5.0, gt=0)  # lag refresh and broker metadata probe
     ready_broker_timeout_s: float = Field(default=15.0, gt=0)  # /readyz: 503 when the broker has not answered
     queue_min_fill: float = Field(default=0.5, ge=0, le=1)  # of the seed size; below it the queue is reseeded
+
+    # Performance (docs/performance.md): GPU batch sizes, batch policy, encoder cache, thread pools.
+    gpu_sub_batch: int = Field(default=64, ge=1)  # text and image sub-batches on a CUDA session
+    # fixed: always max_batch within max_wait_s; adaptive: follows the backlog and latency_slo_s (batching.py)
+    batch_policy: Literal["fixed", "adaptive"] = "adaptive"
+    adaptive_max_batch: int = Field(default=0, ge=0)  # the throughput size; 0: 64 on CPU, 256 on CUDA
+    # A bounded LRU of encoder outputs keyed by a hash of the exact content, per model version; 0 = off.
+    encode_cache_entries: int = Field(default=0, ge=0)  # per modality
+    # The Rust tokenizer's thread pool (RAYON_NUM_THREADS); 1 = tokenise on the scoring thread itself.
+    tokenizer_threads: int = Field(default=1, ge=1)
 
     @field_validator("bootstrap_servers")
     @classmethod

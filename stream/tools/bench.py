@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,9 +51,11 @@ from typing import Any, Final
 
 import msgpack
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from stream.service.manifest import Manifest
 from stream.service.settings import Settings, get_settings
+from stream.tools.cpu_profile import CpuSampler
 from stream.tools.launcher import WORKER_MODULE, WorkerProcess
 from stream.tools.services import fresh_topics
 from stream.tools.topic_reader import TopicReader
@@ -131,6 +134,34 @@ def build_posts(data_dir: Path, split: str, n: int, mix: Mix, seed: int, run_id:
 
 def _encode(post: dict[str, Any], **extra: Any) -> bytes:
     return msgpack.packb({**post, **extra}, use_bin_type=True)
+
+
+_CONTENT: Final = ("text", "image", "transcript")
+
+
+def repetition(posts: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per modality, the share of the stream's items whose exact content (bytes or text) appeared earlier in it:
+    the hit rate an unbounded encoder cache would reach on this stream (the stated repetition model)."""
+    out: dict[str, float] = {}
+    for m in _CONTENT:
+        items = [p[m] for p in posts if p.get(m) is not None]
+        out[m] = 1 - len(set(items)) / len(items) if items else math.nan
+    return out
+
+
+def no_repeat(posts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same posts with every content unique: texts and transcripts get a ``#n`` suffix, images a few bytes
+    after their end marker (PNG IEND / JPEG EOI; decoders ignore them, so the pixels are the same)."""
+    out = []
+    for i, post in enumerate(posts):
+        p = dict(post)
+        for m in ("text", "transcript"):
+            if p.get(m) is not None:
+                p[m] = f"{p[m]} #{i}"
+        if p.get("image") is not None:
+            p["image"] = bytes(p["image"]) + b"\x00nr" + i.to_bytes(4, "big")
+        out.append(p)
+    return out
 
 
 # -- (a) compute limit and (d) head only ---------------------------------------------------------
@@ -242,26 +273,97 @@ def _metrics_text(service: WorkerProcess) -> str:
         return ""
 
 
+def _samples(metrics_text: str) -> list[Any]:
+    """Every sample of a Prometheus text exposition (``prometheus_client.parser``; [] if unparsable)."""
+    try:
+        return [s for family in text_string_to_metric_families(metrics_text) for s in family.samples]
+    except ValueError:
+        return []
+
+
 def _scored(service: WorkerProcess) -> float:
     """``sentiment_events_total{outcome="scored"}`` from the worker's metrics (0 if not up yet)."""
-    for line in _metrics_text(service).splitlines():
-        if line.startswith('sentiment_events_total{outcome="scored"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return sum(
+        s.value
+        for s in _samples(_metrics_text(service))
+        if s.name == "sentiment_events_total" and s.labels.get("outcome") == "scored"
+    )
 
 
 def _stage_seconds(metrics_text: str) -> dict[str, float]:
-    """Sum of seconds per stage (``sentiment_stage_latency_seconds_sum``), plus ``posts`` and ``batches``."""
+    """Sum of seconds per stage (``sentiment_stage_latency_seconds_sum``), ``posts`` and ``batches``, and the
+    encoder cache's lookups (``cache_<modality>_<hit|miss>``)."""
     out: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("sentiment_stage_latency_seconds_sum{"):
-            stage = line.split('stage="', 1)[1].split('"', 1)[0]
-            out[stage] = out.get(stage, 0.0) + float(line.split()[-1])
-        elif line.startswith("sentiment_batch_size_posts_sum "):
-            out["posts"] = float(line.split()[-1])
-        elif line.startswith("sentiment_batch_size_posts_count "):
-            out["batches"] = float(line.split()[-1])
+    for sample in _samples(metrics_text):
+        if sample.name == "sentiment_stage_latency_seconds_sum":
+            stage = sample.labels["stage"]
+            out[stage] = out.get(stage, 0.0) + sample.value
+        elif sample.name == "sentiment_batch_size_posts_sum":
+            out["posts"] = sample.value
+        elif sample.name == "sentiment_batch_size_posts_count":
+            out["batches"] = sample.value
+        elif sample.name == "sentiment_encode_cache_lookups_total":
+            out[f"cache_{sample.labels['modality']}_{sample.labels['result']}"] = sample.value
     return out
+
+
+class Progress:
+    """One status line: rewritten in place on a terminal, logged every ``every_s`` seconds otherwise."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.tty = sys.stderr.isatty()
+        self.every_s = every_s
+        self._last = 0.0
+        self.step = ""
+        self.started = time.monotonic()
+
+    def begin(self, step: str) -> None:
+        self.step = step
+        self._last = 0.0
+        self._show(f"{step} …", force=True)
+
+    def update(self, done: int, total: int, rate: float | None = None) -> None:
+        pct = 100 * done / total if total else 100.0
+        extra = f", {rate:,.0f} posts/s" if rate else ""
+        self._show(f"{self.step}: {done:,}/{total:,} events ({pct:.0f} %{extra})")
+
+    def _show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        line = f"[{(now - self.started) / 60:5.1f} min] {text}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        elif force or now - self._last >= self.every_s:
+            log.info("%s", line)
+            self._last = now
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+PROGRESS = Progress()
+
+
+def _stack_pids(settings: Settings) -> dict[str, int]:
+    """PIDs of the broker and Redis (when this machine runs them) and of the bench itself, for the CPU profile."""
+    from stream.tools.services import LocalStack
+
+    pids = {"bench": os.getpid()}
+    for status in LocalStack(settings).status():
+        if status.pid is not None:
+            pids[status.name] = status.pid
+    # a broker or Redis found already running (started by another checkout, or the machine's): find it by name
+    wanted = {name: comm for name, comm in (("broker", "tansu"), ("redis", "redis-server")) if name not in pids}
+    for entry in Path("/proc").iterdir():
+        if wanted and entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                comm = (entry / "comm").read_text().strip()
+                for name, expected in list(wanted.items()):
+                    if comm == expected:
+                        pids[name] = int(entry.name)
+                        del wanted[name]
+    return pids
 
 
 # -- broker side: produce and collect ------------------------------------------------------------
@@ -299,10 +401,15 @@ class Collector:
                     continue
                 self.seen[d["id"]] = Seen(float(d["emit_ts"]), float(d["event_ts"]), now)
 
-    async def wait_for(self, ids: Sequence[str], timeout: float) -> bool:
+    async def wait_for(self, ids: Sequence[str], timeout: float, progress: bool = False) -> bool:
         deadline = time.monotonic() + timeout
+        started, at_start = time.monotonic(), sum(i in self.seen for i in ids)
         while time.monotonic() < deadline:
-            if all(i in self.seen for i in ids):
+            done = sum(i in self.seen for i in ids)
+            if progress:  # the rate of events arriving while we wait (after a second of it)
+                waited = time.monotonic() - started
+                PROGRESS.update(done, len(ids), (done - at_start) / waited if waited >= 1 else None)
+            if done == len(ids):
                 return True
             if self._task is not None and self._task.done():
                 self._task.result()
@@ -380,7 +487,7 @@ async def _saturate(
     finally:
         await producer.stop()
     ids = [p["id"] for p in posts]
-    complete = await collector.wait_for(ids, timeout)
+    complete = await collector.wait_for(ids, timeout, progress=True)
     got = [collector.seen[i] for i in ids if i in collector.seen]
     last = max((s.emit_ts for s in got), default=math.nan)
     return {
@@ -420,7 +527,7 @@ async def _open_loop(
     finally:
         await producer.stop()
     ids = [p["id"] for p in posts[:n]]
-    complete = await collector.wait_for(ids, timeout=60 + seconds)
+    complete = await collector.wait_for(ids, timeout=60 + seconds, progress=True)
     got = [collector.seen[i] for i in ids if i in collector.seen]
     return {
         "target_posts_s": rate,
@@ -447,8 +554,12 @@ async def pipeline(
     seed: int,
     timeout: float,
     extra_env: dict[str, str] | None = None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads."""
+    """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads.
+
+    ``loads`` are fractions of ``rate`` when given (then the saturation run is skipped: ``posts`` only warms
+    up), else of the saturated rate just measured."""
     settings = await fresh_topics(base, prefix=f"bench-{tag}-")
     services = [
         WorkerProcess(
@@ -468,15 +579,19 @@ async def pipeline(
         for s in services:
             s.start()
         await _warm_up(settings, services, collector, posts[0], f"{tag}-{uuid.uuid4().hex[:4]}")
-        before = [_stage_seconds(_metrics_text(s)) for s in services]
-        result["saturation"] = await _saturate(settings, collector, posts, timeout)
-        after = [_stage_seconds(_metrics_text(s)) for s in services]
-        stages: dict[str, float] = {}
-        for b, a in zip(before, after, strict=True):
-            for k, v in a.items():
-                stages[k] = stages.get(k, 0.0) + v - b.get(k, 0.0)
-        result["stage_seconds"] = stages
-        sat = result["saturation"]["posts_s"]
+        if rate is None:
+            before = [_stage_seconds(_metrics_text(s)) for s in services]
+            pids = {**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}
+            sampler = CpuSampler(pids).start()
+            result["saturation"] = await _saturate(settings, collector, posts, timeout)
+            result["cpu"] = sampler.stop()
+            after = [_stage_seconds(_metrics_text(s)) for s in services]
+            stages: dict[str, float] = {}
+            for b, a in zip(before, after, strict=True):
+                for k, v in a.items():
+                    stages[k] = stages.get(k, 0.0) + v - b.get(k, 0.0)
+            result["stage_seconds"] = stages
+        sat = rate if rate is not None else result["saturation"]["posts_s"]
         result["latency"] = {}
         offset = 0
         for f in loads:
@@ -518,48 +633,67 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
     posts = build_posts(data_dir, args.split, n_pipe, mix, seed, run_id + "p")
     n_lat = round(sum(args.loads) * args.latency_seconds * out["a_compute"].get("multi_process", limit_1) * 1.2) + 10
     latency_posts = build_posts(data_dir, args.split, n_lat, mix, seed + 1, run_id + "l")
+    unique = no_repeat(posts) if mix.name in args.cache_mixes else []
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     worker_cmd = list(WORKER_MODULE)
 
     async def pipelines() -> dict[str, Any]:
         res: dict[str, Any] = {}
-        for n in sorted({1, args.procs}):
-            log.info("[%s #%d] (b) pipeline, %d worker(s)", mix.name, repeat, n)
-            lat_posts = latency_posts if n == args.procs and mix.name in args.latency_mixes else []
-            loads = args.loads if lat_posts else []
-            res[f"b_pipeline_{n}"] = await pipeline(
-                settings,
-                worker_cmd,
-                n,
-                posts,
-                lat_posts,
-                loads,
-                args.latency_seconds,
-                log_dir,
-                f"{mix.name}{n}",
-                seed,
-                args.timeout,
-            )
-            log.info("[%s #%d] (b) %d: %s", mix.name, repeat, n, res[f"b_pipeline_{n}"]["saturation"])
+        first = args.policies[0]
+
+        async def arm(
+            key: str,
+            what: str,
+            n: int,
+            stream: Sequence[dict[str, Any]],
+            env: dict[str, str],
+            module: Sequence[str] = worker_cmd,
+            timeout: float = args.timeout,
+        ) -> None:
+            PROGRESS.begin(f"[{mix.name} #{repeat}] {what}")
+            tag = f"{mix.name}{key.replace('_', '')}"
+            res[key] = await pipeline(settings, list(module), n, stream, [], [], 0, log_dir, tag, seed, timeout, env)
+            res[key]["env"] = env
+            log.info("[%s #%d] %s: %s", mix.name, repeat, what, res[key]["saturation"])
+
+        await arm("b_pipeline_1", f"(b) 1 worker, {first} batches", 1, posts, {"SENTIMENT_BATCH_POLICY": first})
+        keys = {p: f"b_pipeline_{args.procs}" + ("" if p == first else f"_{p}") for p in args.policies}
+        for policy, key in keys.items():
+            env = {"SENTIMENT_BATCH_POLICY": policy}
+            await arm(key, f"(b) {args.procs} workers, {policy} batches", args.procs, posts, env)
+        if mix.name in args.latency_mixes and args.loads:
+            # Every policy gets the same offered rates: fractions of the lowest saturated rate of them all.
+            reference = min(res[k]["saturation"]["posts_s"] for k in keys.values())
+            for policy, key in keys.items():
+                PROGRESS.begin(f"[{mix.name} #{repeat}] latency, {args.procs} workers, {policy} batches")
+                lat = await pipeline(
+                    settings,
+                    list(worker_cmd),
+                    args.procs,
+                    posts[:1],
+                    latency_posts,
+                    args.loads,
+                    args.latency_seconds,
+                    log_dir,
+                    f"{mix.name}lat{policy}",
+                    seed,
+                    args.timeout,
+                    {"SENTIMENT_BATCH_POLICY": policy},
+                    rate=reference,
+                )
+                res[key]["latency"] = lat["latency"]
+                res[key]["latency_reference_posts_s"] = reference
+        if mix.name in args.cache_mixes:
+            cache_env = {"SENTIMENT_BATCH_POLICY": first, "SENTIMENT_ENCODE_CACHE_ENTRIES": str(args.cache_entries)}
+            res["cache_repetition"] = {"bench_stream": repetition(posts), "no_repeat": repetition(unique)}
+            await arm("b_cache_stream", "(b) + encoder cache, the bench stream", args.procs, posts, cache_env)
+            await arm("b_cache_unique", "(b) + encoder cache, a no-repeat stream", args.procs, unique, cache_env)
         if not args.skip_naive:
-            log.info("[%s #%d] (c) naive peer for %.0f s", mix.name, repeat, args.naive_seconds)
             threads = {"OMP_NUM_THREADS": str(args.naive_threads)} if args.naive_threads else {}
-            res["c_naive"] = await pipeline(
-                settings,
-                ["export.bench_naive"],
-                1,
-                posts,
-                [],
-                [],
-                0,
-                log_dir,
-                f"{mix.name}naive",
-                seed,
-                args.naive_seconds,
-                threads,
-            )
-            log.info("[%s #%d] (c) %s", mix.name, repeat, res["c_naive"]["saturation"])
+            what = f"(c) naive peer for {args.naive_seconds:.0f} s"
+            await arm("c_naive", what, 1, posts, threads, ["export.bench_naive"], args.naive_seconds)
+        PROGRESS.done()
         return res
 
     out.update(asyncio.run(pipelines()))
@@ -570,7 +704,7 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
     a1 = (limit_1 + out["a_compute_after"]["one_process"]) / 2
     a2 = (out["a_compute"].get("multi_process", limit_1) + out["a_compute_after"].get("multi_process", a1)) / 2
     out["limit_mean"] = {"one_process": a1, "multi_process": a2}
-    for key in [k for k in out if k.startswith("b_pipeline_")]:
+    for key in [k for k in out if k.startswith(("b_pipeline_", "b_cache_"))]:
         sat, n = out[key]["saturation"], out[key]["processes"]
         # share of the wall time the scoring executors were busy: 1.0 = the pipeline never starves them
         out[key]["executor_busy"] = out[key]["stage_seconds"].get("batch", math.nan) / (sat["elapsed_s"] * n)
@@ -586,10 +720,29 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
         "bN_over_b1": _ratio(b2, b1),
         "aN_over_a1": _ratio(a2, a1),
     }
-    lat = out[f"b_pipeline_{args.procs}"].get("latency", {})
-    half = lat.get("0.50")
-    if half:
-        out["p99_at_half_over_batch"] = _ratio(half["emit_minus_publish"]["p99"], batch_s)
+    for policy in args.policies[1:]:
+        other = out[f"b_pipeline_{args.procs}_{policy}"]["saturation"]["posts_s"]
+        out["ratios"][f"bN_{policy}_over_aN"] = _ratio(other, a2)
+        out["ratios"][f"bN_over_bN_{policy}"] = _ratio(b2, other)
+    for key in ("b_cache_stream", "b_cache_unique"):
+        if key in out:
+            rate = out[key]["saturation"]["posts_s"]
+            out["ratios"][f"{key}_over_c"] = _ratio(rate, c)
+            out["ratios"][f"{key}_over_bN"] = _ratio(rate, b2)
+            stages = out[key]["stage_seconds"]
+            looked = {m: stages.get(f"cache_{m}_hit", 0.0) + stages.get(f"cache_{m}_miss", 0.0) for m in _CONTENT}
+            out[key]["hit_rate"] = {
+                m: stages.get(f"cache_{m}_hit", 0.0) / looked[m] if looked[m] else math.nan for m in _CONTENT
+            }
+    # p99 emit − publish over one batch's compute, at every load, for every policy
+    out["p99_over_batch"] = {}
+    for policy in args.policies:
+        key = f"b_pipeline_{args.procs}" + ("" if policy == args.policies[0] else f"_{policy}")
+        for load, res in out[key].get("latency", {}).items():
+            out["p99_over_batch"][f"{policy}@{load}"] = _ratio(res["emit_minus_publish"]["p99"], batch_s)
+    half = out["p99_over_batch"].get(f"{args.policies[0]}@0.50")
+    if half is not None:
+        out["p99_at_half_over_batch"] = half
     out["load_end"] = _load_avg()
     return out
 
@@ -612,21 +765,53 @@ def _cell(values: Sequence[float], digits: int = 0, scale: float = 1.0) -> str:
     return f"{_fmt(s['median'], digits)} ({_fmt(s['min'], digits)}–{_fmt(s['max'], digits)})"
 
 
-def _latency(procs: int, load: str, kind: str, p: str) -> Callable[[dict[str, Any]], float]:
+def _path(*keys: str) -> Callable[[dict[str, Any]], float]:
+    """A getter of ``r[k1][k2]…`` (a missing key leaves the cell empty)."""
+
     def get(r: dict[str, Any]) -> float:
-        return float(r[f"b_pipeline_{procs}"]["latency"][load][f"{kind}_minus_publish"][p])
+        value: Any = r
+        for k in keys:
+            value = value[k]
+        return float(value)
+
+    return get
+
+
+def _mean_batch(key: str) -> Callable[[dict[str, Any]], float]:
+    def get(r: dict[str, Any]) -> float:
+        return float(r[key]["stage_seconds"]["posts"] / r[key]["stage_seconds"]["batches"])
+
+    return get
+
+
+def _cpu(procs: int, label: str, thread: bool = False) -> Callable[[dict[str, Any]], float]:
+    """Share of a core a process (``worker`` = the mean worker; ``thread``: its busiest thread) used at saturation."""
+
+    def get(r: dict[str, Any]) -> float:
+        processes = r[f"b_pipeline_{procs}"]["cpu"]["processes"]
+        chosen = [p for name, p in processes.items() if name == label or name.startswith(f"{label}-")]
+        if not chosen:
+            return math.nan
+        values = [
+            (p["threads"][0]["core_share"] if p["threads"] else 0.0) if thread else p["cpu_core_share"] for p in chosen
+        ]
+        return float(np.mean(values))
 
     return get
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The bench table: median (min–max over repeats) per mix."""
-    procs = report["config"]["procs"]
+    cfg = report["config"]
+    procs = cfg["procs"]
+    policies = cfg.get("policies", ["adaptive"])
+    first = policies[0]
     lines = [
-        f"model `{report['config']['model_version']}` ({report['config']['model_dir']}); "
-        f"text encoder {report['config']['text_encoder']}, intra-op threads {report['config']['intra_op_threads']}, "
-        f"max_batch {report['config']['max_batch']}, max_wait {report['config']['max_wait_s']} s; "
-        f"{report['config']['repeats']} repeat(s); cells: median (min–max over repeats).",
+        f"model `{cfg['model_version']}` ({cfg['model_dir']}); text encoder {cfg['text_encoder']}, intra-op threads "
+        f"{cfg['intra_op_threads']}; batches: {' vs '.join(policies)} (adaptive: up to "
+        f"{cfg.get('adaptive_max_batch', '–')} records, SLO {cfg.get('latency_slo_s', '–')} s; fixed: max_batch "
+        f"{cfg['max_batch']}, max_wait {cfg['max_wait_s']} s); {cfg['repeats']} repeat(s); "
+        "cells: median (min–max over repeats).",
         "",
     ]
     by_mix: dict[str, list[dict[str, Any]]] = {}
@@ -640,27 +825,33 @@ def markdown(report: dict[str, Any]) -> str:
         for runs in by_mix.values():
             vals = []
             for r in runs:
-                with contextlib.suppress(KeyError, TypeError):
+                with contextlib.suppress(KeyError, TypeError, IndexError):
                     v = get(r)
                     if v is not None:
                         vals.append(v)
             cells.append(_cell(vals, digits, scale))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    def key(policy: str) -> str:
+        return f"b_pipeline_{procs}" + ("" if policy == first else f"_{policy}")
+
     row("(a) compute limit, 1 process × 1 thread, best batch [posts/s]", lambda r: r["limit_mean"]["one_process"])
     row("    measured before the pipelines", lambda r: r["a_compute"]["one_process"])
     row("    measured after the pipelines", lambda r: r["a_compute_after"]["one_process"])
     row("    best batch size", lambda r: r["a_compute"]["best_batch"])
     row(f"(a) compute limit, {procs} processes × 1 thread [posts/s]", lambda r: r["limit_mean"]["multi_process"])
-    row("(b) pipeline, 1 worker [posts/s]", lambda r: r["b_pipeline_1"]["saturation"]["posts_s"])
-    row(f"(b) pipeline, {procs} workers [posts/s]", lambda r: r[f"b_pipeline_{procs}"]["saturation"]["posts_s"])
+    row(f"(b) pipeline, 1 worker, {first} batches [posts/s]", lambda r: r["b_pipeline_1"]["saturation"]["posts_s"])
+    for policy in policies:
+        row(f"(b) pipeline, {procs} workers, {policy} batches [posts/s]", _path(key(policy), "saturation", "posts_s"))
     row("(b) executor busy, 1 worker [% of wall time]", lambda r: r["b_pipeline_1"]["executor_busy"], 0, 100)
-    row(
-        f"(b) executor busy, {procs} workers [% of wall time]",
-        lambda r: r[f"b_pipeline_{procs}"]["executor_busy"],
-        0,
-        100,
-    )
+    for policy in policies:
+        row(
+            f"(b) executor busy, {procs} workers, {policy} [% of wall time]",
+            _path(key(policy), "executor_busy"),
+            0,
+            100,
+        )
+        row(f"(b) mean batch, {procs} workers, {policy} [posts]", _mean_batch(key(policy)), 1)
     row(
         "(c) naive peer: Faust + PyTorch eager, one post at a time [posts/s]",
         lambda r: r["c_naive"]["saturation"]["posts_s"],
@@ -668,17 +859,72 @@ def markdown(report: dict[str, Any]) -> str:
     )
     row("(d) head only, pre-encoded features [rows/s]", lambda r: r["d_head"]["rows_s"])
     row("(b)/(a), 1 worker / 1 process [%]", lambda r: r["ratios"]["b1_over_a1"], 0, 100)
-    row(f"(b)/(a), {procs} workers / {procs} processes [%]", lambda r: r["ratios"]["bN_over_aN"], 0, 100)
+    row(f"(b)/(a), {procs} workers / {procs} processes, {first} [%]", lambda r: r["ratios"]["bN_over_aN"], 0, 100)
+    for policy in policies[1:]:
+        row(
+            f"(b)/(a), {procs} workers / {procs} processes, {policy} [%]",
+            _path("ratios", f"bN_{policy}_over_aN"),
+            0,
+            100,
+        )
+        row(f"saturated {first} / {policy}, {procs} workers [×]", _path("ratios", f"bN_over_bN_{policy}"), 2)
     row(f"(b)/(c), {procs} workers / naive [×]", lambda r: r["ratios"]["bN_over_c"], 1)
     row(f"scaling: {procs} workers / 1 worker [×]", lambda r: r["ratios"]["bN_over_b1"], 2)
     row(f"scaling: {procs} processes / 1 process, compute only [×]", lambda r: r["ratios"]["aN_over_a1"], 2)
     row("one batch of max_batch computed in-process [ms]", lambda r: r["batch_compute_s"], 0, 1000)
-    for f in report["config"]["loads"]:
-        key = f"{f:.2f}"
-        for p in ("p50", "p95", "p99"):
-            row(f"latency at {f:.0%} of saturation, emit − publish, {p} [ms]", _latency(procs, key, "emit", p), 0, 1000)
-        row(f"latency at {f:.0%}, receive − publish, p99 [ms]", _latency(procs, key, "receive", "p99"), 0, 1000)
-    row("p99 at 50 % / one batch's compute time [×]", lambda r: r["p99_at_half_over_batch"], 2)
+    row(
+        "100 % load below = the lowest saturated rate of the policies [posts/s]",
+        _path(key(first), "latency_reference_posts_s"),
+    )
+    for f in cfg["loads"]:
+        load = f"{f:.2f}"
+        for policy in policies:
+            for p in ("p50", "p99"):
+                row(
+                    f"latency at {f:.0%} of saturation, {policy}, emit − publish, {p} [ms]",
+                    _path(key(policy), "latency", load, "emit_minus_publish", p),
+                    0,
+                    1000,
+                )
+        for policy in policies:
+            row(f"p99 at {f:.0%} / one batch's compute, {policy} [×]", _path("p99_over_batch", f"{policy}@{load}"), 2)
+        row(
+            f"latency at {f:.0%}, {first}, receive − publish, p99 [ms]",
+            _path(key(first), "latency", load, "receive_minus_publish", "p99"),
+            0,
+            1000,
+        )
+    # the encoder cache, apart from the headline
+    for m in _CONTENT:
+        row(
+            f"cache: repetition of the bench stream, {m} [% of items seen before]",
+            _path("cache_repetition", "bench_stream", m),
+            0,
+            100,
+        )
+    row(
+        f"(b) {procs} workers + encoder cache, bench stream [posts/s]",
+        lambda r: r["b_cache_stream"]["saturation"]["posts_s"],
+    )
+    for m in _CONTENT:
+        row(f"    cache hit rate, {m} [%]", _path("b_cache_stream", "hit_rate", m), 0, 100)
+    row(
+        f"(b) {procs} workers + encoder cache, no-repeat stream [posts/s]",
+        lambda r: r["b_cache_unique"]["saturation"]["posts_s"],
+    )
+    row("(b) + cache / naive, bench stream [×]", lambda r: r["ratios"]["b_cache_stream_over_c"], 1)
+    row("(b) + cache / (b), no-repeat stream [×]", lambda r: r["ratios"]["b_cache_unique_over_bN"], 2)
+    # where each core's time went during the headline saturation run (/proc/*/task/*/stat)
+    row(f"CPU at saturation, {procs} workers: each worker [% of a core]", _cpu(procs, "worker"), 0, 100)
+    row("    its scoring thread [% of a core]", _cpu(procs, "worker", thread=True), 0, 100)
+    for label in ("broker", "redis", "bench"):
+        row(f"    {label} [% of a core]", _cpu(procs, label), 0, 100)
+    row(
+        "    all of these [% of the machine]",
+        lambda r: r[key(first)]["cpu"]["total_core_share"] / max(1, report["config"].get("cpus") or procs),
+        0,
+        100,
+    )
     loads = [
         f"{_cell([r['load_start'] for r in runs], 1)} → {_cell([r['load_end'] for r in runs], 1)}"
         for runs in by_mix.values()
@@ -730,7 +976,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--naive-threads", type=int, default=1, help="torch threads of the naive peer (0: torch default)"
     )
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--loads", type=float, nargs="*", default=[0.25, 0.5, 0.8])
+    parser.add_argument(
+        "--loads",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.8, 0.95],
+        help="open-loop loads, as fractions of the lowest saturated rate of the policies (same rates for all)",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=["adaptive", "fixed"],
+        choices=["adaptive", "fixed"],
+        help="batch policies of the N-worker pipeline; the first is the headline and the 1-worker run",
+    )
+    parser.add_argument(
+        "--cache-mixes",
+        nargs="*",
+        default=["realistic"],
+        choices=list(MIXES),
+        help="mixes also run with the encoder cache on (bench stream and a no-repeat stream)",
+    )
+    parser.add_argument("--cache-entries", type=int, default=4096, help="encoder-cache entries per modality")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="max seconds to wait for a run's events")
     parser.add_argument("--seed", type=int, default=0)
@@ -749,7 +1016,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = get_settings()
     manifest = Manifest.load(model_dir, check_graphs=False)
-    LocalStack(settings).start()
+    stack = LocalStack(settings)
+    already = {s.name for s in stack.status() if s.running}
+    stack.start()
+    try:
+        return _run(args, settings, manifest, model_dir, data_dir)
+    finally:
+        started = [s.name for s in stack.status() if s.managed and s.name not in already]
+        if started:  # the bench stops what it started, and only that
+            log.info("stopping what the bench started: %s", ", ".join(started))
+            stack.stop(started)
+
+
+def _run(args: argparse.Namespace, settings: Settings, manifest: Manifest, model_dir: Path, data_dir: Path) -> int:
+    from stream.service.batching import batch_capacity
+
+    variant, why = manifest.serving_text_encoder(settings)
     report: dict[str, Any] = {
         "config": {
             "model_dir": str(model_dir),
@@ -761,7 +1043,14 @@ def run(args: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
             "repeats": args.repeats,
             "loads": args.loads,
-            "text_encoder": settings.text_encoder,
+            "text_encoder": variant,
+            "text_encoder_why": why,
+            "policies": args.policies,
+            "adaptive_max_batch": batch_capacity(settings.model_copy(update={"batch_policy": "adaptive"})),
+            "latency_slo_s": settings.latency_slo_s,
+            "cache_entries": args.cache_entries,
+            "image_sub_batch": settings.image_sub_batch,
+            "tokenizer_threads": settings.tokenizer_threads,
             "intra_op_threads": settings.intra_op_threads,
             "max_batch": settings.max_batch,
             "max_wait_s": settings.max_wait_s,

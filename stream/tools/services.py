@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,9 +206,9 @@ class LocalStack:
             )
 
     # -- stop -----------------------------------------------------------------------------------
-    def stop(self) -> list[ServiceStatus]:
-        """Stop what this project started; a Redis found already running is left alone."""
-        for name in (BROKER, REDIS):
+    def stop(self, names: Sequence[str] = (BROKER, REDIS)) -> list[ServiceStatus]:
+        """Stop what this project started (of ``names``); a Redis found already running is left alone."""
+        for name in names:
             pid = self._managed_pid(name)
             if pid is not None:
                 self._kill(pid)

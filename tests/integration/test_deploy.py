@@ -759,6 +759,10 @@ def record_tick(m: Metrics, settings: Settings) -> None:
     m.redis_errors.labels("read")
     m.queue_degraded_events.labels("queue_stale")
     m.queue_dropped_vectors.labels("not_finite")
+    m.batch_plan.set(settings.max_batch)
+    for i, modality in enumerate(MODALITIES):
+        m.encode_cache.labels(modality, "hit").inc(10 * i)
+        m.encode_cache.labels(modality, "miss").inc(10)
     for partition in range(settings.partitions):
         m.set_consumer_lag(settings.topic_posts, partition, highwater=1000 + partition, position=990)
     m.mark_processed()

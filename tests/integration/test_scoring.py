@@ -120,3 +120,68 @@ def test_a_post_that_breaks_the_model_path_goes_alone_to_the_dlq(
     outcome = asyncio.run(go())
     assert [e.id for e in outcome.events] == [p.id for p in benchmark_posts[:8] if p.id != poison]
     assert [(d.reason, d.key) for d in outcome.dead_letters] == [("internal_error", poison.encode())]
+
+
+def test_encoder_cache_gives_the_same_outputs_and_counts_hits(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    """Equal outputs with and without the cache, on a stream that repeats texts, images and transcripts."""
+    base = benchmark_posts[:16]
+    reposts = [Post(id=f"re-{p.id}", text=p.text, image=p.image, transcript=p.transcript) for p in base]
+    records = _records(base + reposts[:8]) + _records(reposts[8:] + base[:4])
+    # fp32: the int8 encoder quantises activations per batch, so its outputs move with the batch's other
+    # rows (|Δprob| ≈ 5e-3); a cached row is exactly what fp32 computes for that content in any batch.
+    fp32 = scorer.settings.model_copy(update={"text_encoder": "fp32"})
+    metrics = Metrics(fp32, process_metrics=False)
+    cached = PostScorer(scorer.manifest, fp32.model_copy(update={"encode_cache_entries": 64}), None, metrics)
+    scorer = PostScorer(scorer.manifest, fp32)
+    assert cached.cache is not None and scorer.cache is None
+    for batch in (records[:24], records[24:]):
+        plain, hit = scorer.score(batch, None), cached.score(batch, None)
+        assert [e.id for e in hit.events] == [e.id for e in plain.events]
+        for a, b in zip(plain.events, hit.events, strict=True):
+            np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+            assert a.label == b.label and a.quality.keys() == b.quality.keys()
+    hits = metrics.registry.get_sample_value(
+        "sentiment_encode_cache_lookups_total", {"modality": "text", "result": "hit"}
+    )
+    misses = metrics.registry.get_sample_value(
+        "sentiment_encode_cache_lookups_total", {"modality": "text", "result": "miss"}
+    )
+    assert misses == len({p.text for p in base if p.text is not None})
+    assert hits == sum(r is not None for r in [_text_of(rec) for rec in records]) - misses
+    with_image = sum(p.image is not None for p in base)
+    if with_image:
+        image_hits = metrics.registry.get_sample_value(
+            "sentiment_encode_cache_lookups_total", {"modality": "image", "result": "hit"}
+        )
+        assert image_hits is not None and image_hits >= with_image
+
+
+def test_text_encoder_auto_follows_the_exports_int8_gate(
+    served_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dataclasses
+    import logging
+
+    manifest = Manifest.load(served_model, check_graphs=False)
+    auto = Settings(model_dir=served_model)
+    assert auto.text_encoder == "auto"
+    passed = dataclasses.replace(manifest, int8_gate={"passed": True, "reason": "Δ macro-F1 +0.0001"})
+    failed = dataclasses.replace(manifest, int8_gate={"passed": False, "reason": "macro-F1 drops by 0.02"})
+    assert passed.serving_text_encoder(auto)[0] == "int8"
+    assert failed.serving_text_encoder(auto) == ("fp32", "auto: the int8 gate did not pass (macro-F1 drops by 0.02)")
+    assert dataclasses.replace(manifest, int8_gate=None).serving_text_encoder(auto)[0] == "fp32"
+    explicit = auto.model_copy(update={"text_encoder": "int8"})
+    assert failed.serving_text_encoder(explicit)[0] == "int8"  # the operator's explicit choice stands
+    assert passed.serving_keys(auto)[0] == "text_encoder_int8"
+    with caplog.at_level(logging.INFO, logger="stream.service.scoring"):
+        assert PostScorer(passed, auto).text_variant == "int8"
+        assert PostScorer(failed, auto).text_variant == "fp32"
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("serving configuration: ") and "text_encoder=int8" in line for line in lines)
+    assert any(r.levelno == logging.WARNING and "int8 gate did not pass" in r.getMessage() for r in caplog.records)
+
+
+def _text_of(record: InputRecord) -> str | None:
+    return msgpack.unpackb(record.value, raw=False).get("text")

@@ -33,12 +33,12 @@ async def _produce(self: processing.ScoringService, outcome: Any, send: Any) -> 
         return await _original(self, outcome, send)
     handed = 0
 
-    async def failing(kind: Any, key: Any, value: Any) -> Any:
+    async def failing(kind: Any, key: Any, value: Any, headers: Any = None) -> Any:
         nonlocal handed
         handed += 1
         if handed > 2:
             raise ProducerSendError(f"injected produce failure (attempt {_calls})")
-        return await send(kind, key, value)
+        return await send(kind, key, value, headers)
 
     return await _original(self, outcome, failing)
 

@@ -23,6 +23,7 @@ from stream.service.runtime import (
     ModelLoadError,
     clear_session_cache,
     create_session,
+    pin_thread_pools,
     session_options,
 )
 from stream.service.settings import Settings
@@ -189,3 +190,29 @@ def test_serving_modules_never_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
+
+
+def test_io_binding_gives_the_same_outputs_as_a_plain_run(tmp_path: Path) -> None:
+    """The CUDA path binds inputs and outputs; on CPU the same code must give the same numbers."""
+    path = _write_tiny_model(tmp_path / "tiny.onnx")
+    model = create_session(path, Settings(providers="cpu"))
+    assert model.io_binding is False  # CPU: plain run
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones((3, 4), np.float32)}
+    plain = model.run(feeds)
+    model.io_binding = True
+    try:
+        bound = model.run(feeds)
+        only_s = model.run(feeds, ["s"])
+    finally:
+        model.io_binding = False
+    assert set(bound) == {"y", "s"} and set(only_s) == {"s"}
+    for name in plain:
+        np.testing.assert_array_equal(bound[name], plain[name])
+
+
+def test_tokenizer_pool_is_pinned_by_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    assert pin_thread_pools(Settings()) == {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert pin_thread_pools(Settings(tokenizer_threads=2))["RAYON_NUM_THREADS"] == "2"
