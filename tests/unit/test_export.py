@@ -84,7 +84,10 @@ def exported(model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathF
 
 
 def _copy_export(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> Path:
-    """A second export dir: the files symlinked (cheap), the manifest copied so a test can edit it."""
+    """A second export dir: the files hard-linked (cheap), the manifest copied so a test can edit it.
+
+    Not symlinks: serving refuses model files that resolve outside the model directory.
+    """
     dst.mkdir()
     for path in src.iterdir():
         if path.name in skip:
@@ -92,8 +95,15 @@ def _copy_export(src: Path, dst: Path, *, skip: Iterable[str] = ()) -> Path:
         if path.name == MANIFEST_FILE:
             shutil.copyfile(path, dst / path.name)
         else:
-            (dst / path.name).symlink_to(path)
+            _link(path, dst / path.name)
     return dst
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, dst)
 
 
 def _edit_manifest(directory: Path, edit: object) -> None:
@@ -194,7 +204,7 @@ def test_missing_onnx_file_is_a_clear_error(exported: tuple[Manifest, dict], tmp
 def test_graph_replaced_after_export_is_a_clear_error(exported: tuple[Manifest, dict], tmp_path: Path) -> None:
     manifest, _ = exported
     broken = _copy_export(manifest.root, tmp_path / "broken", skip={"head_fsrf.onnx"})
-    (broken / "head_fsrf.onnx").symlink_to(manifest.root / "head_drf.onnx")
+    _link(manifest.root / "head_drf.onnx", broken / "head_fsrf.onnx")
     with pytest.raises(ManifestError, match=r"head_fsrf\.onnx: sha256 .* differs"):
         Manifest.load(broken)
 
