@@ -57,6 +57,7 @@ from stream.tools.dataset import (
 
 __all__ = [
     "GENERATOR_VERSION",
+    "IMAGE_IDENTITIES",
     "SOURCES",
     "SPLITS",
     "Benchmark",
@@ -113,6 +114,7 @@ IMAGE_POOL_SHARES: Final = (0.6, 0.15, 0.25)
 TRANSCRIPT_POOL_SHARES: Final = (0.7, 0.1, 0.2)
 DEFAULT_P_IMAGE: Final = 0.5
 DEFAULT_P_TRANSCRIPT: Final = 0.5
+IMAGE_IDENTITIES: Final = ("recurring", "disjoint")
 NOTO_RENDER_SIZE: Final = 109  # the only size NotoColorEmoji's CBDT bitmaps come in
 
 
@@ -413,8 +415,19 @@ def _split_by_label(
     return [sorted(p) for p in parts]
 
 
-def _build_image_pools(sources: Path, out: Path, rng: np.random.Generator) -> list[ImageItem]:
-    """Split ESR emoji into disjoint train/val/test pools; Twemoji art for train, Noto art for val and test."""
+def _build_image_pools(
+    sources: Path, out: Path, rng: np.random.Generator, identities: str = "recurring"
+) -> list[ImageItem]:
+    """ESR emoji in train/val/test pools: Twemoji art for train, Noto art for val and test.
+
+    The emoji are split by label into train/val/test identities. ``disjoint``: each pool holds only its own
+    identities, so a test image is a new emoji in a new style — nothing can carry over. ``recurring``
+    (default): the train pool holds the Twemoji art of *every* emoji, while val and test keep the Noto art
+    of their own identities; the same emoji recurs in a style training never saw, as the same emoji recurs
+    across real posts, and the test never sees a training render.
+    """
+    if identities not in IMAGE_IDENTITIES:
+        raise ValueError(f"image identities must be one of {IMAGE_IDENTITIES}, got {identities!r}")
     archive, index = _twemoji_index(_source_file(sources, "twemoji"))
     font = ImageFont.truetype(str(noto_font_path(sources)), NOTO_RENDER_SIZE)
     usable: list[tuple[_Emoji, Image.Image, Image.Image]] = []
@@ -433,6 +446,8 @@ def _build_image_pools(sources: Path, out: Path, rng: np.random.Generator) -> li
     parts = _split_by_label(usable, [e.label for e, _, _ in usable], IMAGE_POOL_SHARES, rng)
     folder = out / "pools" / "images"
     folder.mkdir(parents=True, exist_ok=True)
+    if identities == "recurring":
+        parts = [sorted(i for part in parts for i in part), parts[1], parts[2]]
     items: list[ImageItem] = []
     for pool, part in zip(RANDOM_SPLITS, parts, strict=True):
         for i in part:
@@ -590,6 +605,7 @@ def build_benchmark(
     p_image: float = DEFAULT_P_IMAGE,
     p_transcript: float = DEFAULT_P_TRANSCRIPT,
     sources: Path | None = None,
+    image_identities: str = "recurring",
 ) -> Benchmark:
     """Assemble the benchmark into ``out``: ``posts/<split>.jsonl``, ``pools/``, ``manifest.json``.
 
@@ -605,7 +621,7 @@ def build_benchmark(
     if sample is not None:
         tweets = _sample(tweets, sample, streams[0])
     out.mkdir(parents=True, exist_ok=True)
-    images = _build_image_pools(sources, out, streams[1])
+    images = _build_image_pools(sources, out, streams[1], image_identities)
     transcripts = _build_transcript_pools(sources, streams[2], sample)
     random_split, topic_split = _split_tweets(tweets, streams[3])
 
@@ -626,6 +642,7 @@ def build_benchmark(
     _write_jsonl(out / "pools" / "images.jsonl", [asdict(i) for i in images])
     _write_jsonl(out / "pools" / "transcripts.jsonl", [asdict(t) for t in transcripts])
     manifest = _manifest(sources, seed, sample, p_image, p_transcript, posts, images, transcripts)
+    manifest["pools"]["image_identities"] = image_identities
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     # The replayable stream of the test split (synthetic Poisson arrivals; the header says so).
     from stream.tools.dataset import benchmark_posts
@@ -733,6 +750,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--p-image", type=float, default=DEFAULT_P_IMAGE)
     build.add_argument("--p-transcript", type=float, default=DEFAULT_P_TRANSCRIPT)
     build.add_argument("--sources", type=Path, default=None)
+    build.add_argument(
+        "--image-identities",
+        choices=IMAGE_IDENTITIES,
+        default="recurring",
+        help="recurring: train holds Twemoji art of every emoji, test Noto art of its own (default); "
+        "disjoint: each pool only its own emoji (the control)",
+    )
     build.add_argument("--no-features", action="store_true", help="skip encoding the feature cache")
     _feature_arguments(build)
 
@@ -769,7 +793,8 @@ def run(args: argparse.Namespace) -> int:
         if args.data_command == "build":
             out = args.out or data_dir
             bench = build_benchmark(out, seed=args.seed, sample=args.sample, p_image=args.p_image,
-                                    p_transcript=args.p_transcript, sources=args.sources)
+                                    p_transcript=args.p_transcript, sources=args.sources,
+                                    image_identities=args.image_identities)
             print(json.dumps(bench.manifest["counts"]["posts"], indent=1))
             if not args.no_features:
                 from models.features import build_features

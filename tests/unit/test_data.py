@@ -85,7 +85,19 @@ def test_held_out_topic_appears_only_in_topic_test(bench: Path) -> None:
         assert HELD_OUT_TOPIC not in {p["topic"] for p in read_posts(bench, split)}
 
 
-def test_image_pools_are_disjoint_emoji_in_a_different_style_for_test(bench: Path) -> None:
+def test_image_pools_recur_emoji_across_styles_and_test_never_sees_a_training_render(bench: Path) -> None:
+    images = read_images(bench)
+    by_pool = {pool: {i.codepoints for i in images if i.pool == pool} for pool in ("train", "val", "test")}
+    assert by_pool["test"] <= by_pool["train"] and by_pool["val"] <= by_pool["train"]  # identities recur
+    assert not (by_pool["val"] & by_pool["test"])
+    assert {i.style for i in images if i.pool == "train"} == {"twemoji"}
+    assert {i.style for i in images if i.pool in ("val", "test")} == {"noto"}
+    assert not {i.file for i in images if i.pool == "train"} & {i.file for i in images if i.pool == "test"}
+    assert json.loads((bench / "manifest.json").read_text())["pools"]["image_identities"] == "recurring"
+
+
+def test_disjoint_image_identities_keep_each_pool_to_its_own_emoji(sources: Path, tmp_path: Path) -> None:
+    bench = build_benchmark(tmp_path / "b", seed=0, sample=300, sources=sources, image_identities="disjoint").out
     images = read_images(bench)
     by_pool = {pool: {i.codepoints for i in images if i.pool == pool} for pool in ("train", "val", "test")}
     assert not (by_pool["train"] & by_pool["test"]) and not (by_pool["train"] & by_pool["val"])
