@@ -75,29 +75,33 @@ def _check_rate(rate: float) -> None:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
 
 
+def _pick_words(text: str, rate: float, rng: np.random.Generator) -> tuple[list[str], list[int]]:
+    """The whitespace-separated words of ``text`` and ``round(rate * n_words)`` distinct random indices of them."""
+    _check_rate(rate)
+    words = text.split()
+    k = round(rate * len(words))
+    return words, ([int(i) for i in rng.choice(len(words), size=k, replace=False)] if k else [])
+
+
 def mask_words(text: str, rate: float, rng: np.random.Generator, mask_token: str = MASK_TOKEN) -> str:
     """Replace ``round(rate * n_words)`` whitespace-separated words, chosen at random, by ``mask_token``.
 
     Whitespace is normalised to single spaces. A text without words is returned unchanged.
     """
-    _check_rate(rate)
-    words = text.split()
-    k = round(rate * len(words))
-    if k == 0:
+    words, chosen = _pick_words(text, rate, rng)
+    if not chosen:
         return text
-    for i in rng.choice(len(words), size=k, replace=False):
-        words[int(i)] = mask_token
+    for i in chosen:
+        words[i] = mask_token
     return " ".join(words)
 
 
 def delete_words(text: str, rate: float, rng: np.random.Generator) -> str:
     """Remove ``round(rate * n_words)`` words chosen at random (words lost, no marker left behind)."""
-    _check_rate(rate)
-    words = text.split()
-    k = round(rate * len(words))
-    if k == 0:
+    words, chosen = _pick_words(text, rate, rng)
+    if not chosen:
         return text
-    gone = {int(i) for i in rng.choice(len(words), size=k, replace=False)}
+    gone = set(chosen)
     return " ".join(w for i, w in enumerate(words) if i not in gone)
 
 
@@ -135,13 +139,11 @@ def _typo(word: str, rng: np.random.Generator) -> str:
 
 def typo_words(text: str, rate: float, rng: np.random.Generator) -> str:
     """Give ``round(rate * n_words)`` random words one typo each (swap, drop, double or neighbouring key)."""
-    _check_rate(rate)
-    words = text.split()
-    k = round(rate * len(words))
-    if k == 0:
+    words, chosen = _pick_words(text, rate, rng)
+    if not chosen:
         return text
-    for i in rng.choice(len(words), size=k, replace=False):
-        words[int(i)] = _typo(words[int(i)], rng)
+    for i in chosen:
+        words[i] = _typo(words[i], rng)
     return " ".join(words)
 
 
