@@ -146,7 +146,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
         pump = asyncio.ensure_future(buffer.fill_from(manual))
         try:
             while True:
-                plan = policy.next_batch(len(buffer) + health_state.lag)
+                plan = policy.next_batch(_backlog(len(buffer), health_state.lag))
                 events = await buffer.take(plan.max_records, plan.max_wait_s, settings.max_batch_bytes, pump)
                 if not events:
                     return  # the stream ended (the worker stops)
@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None, manifest: Manifest | None = Non
                     health_state.in_flight_since = None
                 for event in events:
                     await manual.ack(event)
-                policy.observe(len(events), compute_s, len(buffer) + health_state.lag)
+                policy.observe(len(events), compute_s, _backlog(len(buffer), health_state.lag))
         finally:
             pump.cancel()
 
@@ -382,6 +382,12 @@ class _EventBuffer:
             size += nbytes
             self.space.set()
         return batch
+
+
+def _backlog(buffered: int, lag: int) -> int:
+    """Records known to wait. The lag (high-water mark − processed position) already counts what is buffered,
+    so the two are not added: the larger is the best estimate (the lag is refreshed per batch and on a timer)."""
+    return max(buffered, lag)
 
 
 class _Worker(faust.Worker):

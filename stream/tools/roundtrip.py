@@ -18,7 +18,7 @@ from PIL import Image
 from stream.service.events import Post, PostRejected, decode_post, encode_post
 from stream.service.settings import Settings, get_settings
 
-__all__ = ["add_arguments", "consume_posts", "produce_posts", "run", "sample_posts"]
+__all__ = ["add_arguments", "consume_posts", "produce_messages", "produce_posts", "run", "sample_posts"]
 
 
 def sample_posts(n: int, prefix: str) -> list[Post]:
@@ -41,7 +41,13 @@ def sample_posts(n: int, prefix: str) -> list[Post]:
     return posts
 
 
-async def produce_posts(settings: Settings, posts: Sequence[Post], topic: str | None = None) -> None:
+async def produce_messages(
+    settings: Settings,
+    messages: Sequence[tuple[bytes | None, bytes]],
+    topic: str | None = None,
+    rate: float = 0,
+) -> None:
+    """Send (key, value) pairs to ``topic`` (default: posts) and wait for every ack; ``rate`` > 0 paces them."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
@@ -50,13 +56,18 @@ async def produce_posts(settings: Settings, posts: Sequence[Post], topic: str | 
     )
     await producer.start()
     try:
-        batch = [
-            await producer.send(topic or settings.topic_posts, encode_post(post), key=post.id.encode())
-            for post in posts
-        ]
-        await asyncio.gather(*batch)
+        futures = []
+        for i, (key, value) in enumerate(messages):
+            futures.append(await producer.send(topic or settings.topic_posts, value, key=key))
+            if rate > 0 and i % 10 == 9:
+                await asyncio.sleep(10 / rate)
+        await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+async def produce_posts(settings: Settings, posts: Sequence[Post], topic: str | None = None) -> None:
+    await produce_messages(settings, [(post.id.encode(), encode_post(post)) for post in posts], topic)
 
 
 async def consume_posts(

@@ -5,40 +5,25 @@ The processes are :class:`stream.tools.launcher.WorkerProcess` (re-exported here
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from stream.service.events import DeadLetter, SentimentEvent, decode_dead_letter, decode_sentiment
 from stream.service.settings import Settings
 from stream.tools.launcher import WorkerProcess, free_port
+from stream.tools.roundtrip import produce_messages
 
 __all__ = ["Collected", "WorkerProcess", "collect", "free_port", "produce"]
 
 
 async def produce(settings: Settings, messages: Sequence[tuple[bytes | None, bytes]], rate: float = 0) -> None:
     """Send (key, value) pairs to the posts topic; ``rate`` > 0 spaces them out (posts/s)."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        acks="all",
-        linger_ms=5,
-        max_request_size=settings.max_message_bytes,
-    )
-    await producer.start()
-    try:
-        futures = []
-        for i, (key, value) in enumerate(messages):
-            futures.append(await producer.send(settings.topic_posts, value, key=key))
-            if rate > 0 and i % 10 == 9:
-                await asyncio.sleep(10 / rate)
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    await produce_messages(settings, messages, rate=rate)
 
 
 @dataclass
