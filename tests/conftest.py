@@ -18,6 +18,7 @@ import pytest
 
 from stream.service.events import Post
 from stream.service.settings import Settings, get_settings
+from stream.tools import demo
 from stream.tools.services import LocalStack
 from stream.tools.services import fresh_topics as new_topics
 
@@ -78,7 +79,7 @@ _MODEL_CODE = (
     "stream/service/manifest.py",
 )
 _ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_TWEETS = 2500
+SAMPLE_TWEETS = demo.DEMO_SAMPLE_TWEETS
 
 
 def _code_hash(files: Sequence[str], *extra: object) -> str:
@@ -124,7 +125,7 @@ def sample_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with _exclusive(out):
         if not (out / "READY").exists():
             shutil.rmtree(out, ignore_errors=True)
-            _cli("data", "build", "--out", str(out), "--sample", str(SAMPLE_TWEETS), "--clean-only", "--seed", "0")
+            _cli(*demo.sample_build_args(out))
             (out / "READY").touch()
     return out
 
@@ -134,16 +135,16 @@ def served_model(sample_benchmark: Path, tmp_path_factory: pytest.TempPathFactor
     """An exported model dir (manifest.json + ONNX files) trained on the sample benchmark."""
     if os.environ.get("SENTIMENT_TEST_MODEL"):  # a developer's already-exported model
         return Path(os.environ["SENTIMENT_TEST_MODEL"])
-    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS, str(sample_benchmark))
+    recipe = (demo.train_args(Path("M"), Path("D")), demo.export_args(Path("M"), Path("E"), Path("D")))
+    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS, str(sample_benchmark), recipe)
     root = _artifact_root(tmp_path_factory)
     model, exported = root / f"model-{key}", root / f"export-{key}"
     with _exclusive(exported):
         if not (exported / "manifest.json").exists():
             shutil.rmtree(model, ignore_errors=True)
-            _cli("train", "--model", "serving", "--epochs", "8", "--out", str(model),
-                 "--data-dir", str(sample_benchmark), "--no-progress")
-            _cli("export", "--model-dir", str(model), "--out", str(exported), "--data-dir", str(sample_benchmark),
-                 "--head-samples", "400", "--int8-eval-posts", "0")
+            # the demo's recipe, so the demo's committed robustness baseline holds for this model too
+            _cli(*demo.train_args(model, sample_benchmark))
+            _cli(*demo.export_args(model, exported, sample_benchmark))
     return exported
 
 

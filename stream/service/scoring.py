@@ -113,6 +113,7 @@ class PostScorer:
             "tokenizer_threads": self.thread_env["RAYON_NUM_THREADS"],
             "encode_cache_entries": self.settings.encode_cache_entries,
             "recovery": self.recovery,
+            "queue_moments": self.settings.queue_moments,
         }
 
     @property
@@ -215,10 +216,14 @@ class PostScorer:
             chunks.append(result[IMAGE_OUTPUT])
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
+    @property
+    def live_moments(self) -> bool:
+        return self.settings.queue_moments == "live"
+
     def moments(self, stats: QueueStats | None) -> tuple[np.ndarray, np.ndarray]:
-        """Queue moments for the head: Redis's where known, the training-time queue's otherwise."""
+        """Queue moments for the head: the training-time queue's; with ``queue_moments=live``, Redis's where known."""
         mean, var = self.fallback_mean.copy(), self.fallback_var.copy()
-        if stats is not None:
+        if stats is not None and self.live_moments:
             for i, m in enumerate(MODALITIES):
                 if m in stats.mean and stats.count.get(m, 0) > 1:
                     mean[i], var[i] = stats.mean[m], stats.var[m]
@@ -274,10 +279,10 @@ class PostScorer:
         stats: QueueStats | None,
         stages: dict[str, float],
     ) -> list[SentimentEvent]:
-        """One :class:`SentimentEvent` per post, flagged when the queue moments were not live."""
-        flags: tuple[str, ...] = () if stats is None or not stats.degraded else (stats.status,)
-        if stats is None:
-            flags = ("queue_unavailable",)
+        """One :class:`SentimentEvent` per post; with live moments, flagged when they were not live."""
+        flags: tuple[str, ...] = ()
+        if self.live_moments:  # frozen training moments: the queue's state cannot change a score
+            flags = ("queue_unavailable",) if stats is None else ((stats.status,) if stats.degraded else ())
         emit_ts = time.time()
         labels = probs.argmax(1)
         events = []

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(default=0.5, gt=0)
     queue_length: int = Field(default=1024, ge=8)
     queue_stats_ttl_s: float = Field(default=1.0, ge=0)
+    # Which queue moments the head scores with. training: the exported model's own (frozen per model version:
+    # served = offline, and a Redis outage cannot move a score); the live queue is still kept and watched for
+    # drift. live: the Redis queue's moments, as the DRF design has it (they drift with the stream; see
+    # docs/robustness.md for what that cost).
+    queue_moments: Literal["training", "live"] = "training"
 
     # Micro-batching
     max_batch: int = Field(default=32, ge=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,18 +18,79 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from stream.service.settings import Settings, get_settings
 from stream.tools.dataset import benchmark_posts
 from stream.tools.launcher import WorkerNotReady, WorkerProcess
 from stream.tools.recording import write_recording
 from stream.tools.replay import Faults, ReplayOptions, replay
-from stream.tools.report import build_report
+from stream.tools.report import baseline_record, build_report, regression_gate
 from stream.tools.services import LocalStack
 
-__all__ = ["add_arguments", "run"]
+__all__ = [
+    "DEFAULT_BASELINE",
+    "add_arguments",
+    "demo_faults",
+    "ensure_recording",
+    "export_args",
+    "gate",
+    "run",
+    "sample_build_args",
+    "stream_fingerprint",
+    "train_args",
+]
 
 DEMO_SAMPLE_TWEETS = 2500  # enough for a useful head; the full build is `sentiment-stream data build`
+# The demo's stream: the test split of its sample, with these faults (seeded), replayed as fast as possible.
+DEMO_DROP = "image=0.3,transcript=0.3"
+DEMO_CORRUPT = "text=0.1,image=0.1"
+DEMO_MALFORMED = 0.02
+DEMO_POSTS = 2000
+# Its first report, committed: every later demo (and CI, on the same sample and recipe) is held to it.
+DEFAULT_BASELINE = Path(__file__).resolve().parents[2] / "docs" / "robustness" / "demo-baseline.json"
+GATE_TOLERANCE = 0.01
+GATE_MIN_POSTS = 20
+
+
+# -- the recipe: the same sample, head and export for `make demo` and for the test suite's model ----------
+
+
+def sample_build_args(out: Path) -> list[str]:
+    return ["data", "build", "--out", str(out), "--sample", str(DEMO_SAMPLE_TWEETS), "--clean-only", "--seed", "0"]
+
+
+def train_args(out: Path, data_dir: Path, *extra: str) -> list[str]:
+    """``extra``: e.g. ``--ablate quality`` for a deliberately degraded head (docs/robustness.md)."""
+    return ["train", "--model", "serving", "--epochs", "10", "--seed", "0", "--out", str(out),
+            "--data-dir", str(data_dir), "--no-progress", *extra]
+
+
+def export_args(model_dir: Path, out: Path, data_dir: Path) -> list[str]:
+    return ["export", "--model-dir", str(model_dir), "--out", str(out), "--data-dir", str(data_dir),
+            "--head-samples", "1000", "--int8-eval-posts", "0"]
+
+
+def demo_faults() -> Faults:
+    from stream.tools.replay import parse_rates
+
+    return Faults(drop=parse_rates(DEMO_DROP), corrupt=parse_rates(DEMO_CORRUPT), malformed=DEMO_MALFORMED, seed=0)
+
+
+def stream_fingerprint(recording: Path, faults: Faults, max_posts: int | None) -> str:
+    """Identifies the posts and faults a report scored: a baseline only holds for the same stream."""
+    digest = hashlib.sha256(recording.read_bytes())
+    digest.update(json.dumps({"faults": faults.to_dict(), "max_posts": max_posts}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def gate(report: dict[str, Any], baseline_path: Path, fingerprint: str, tolerance: float = GATE_TOLERANCE,
+         min_posts: int = GATE_MIN_POSTS) -> list[str] | None:
+    """Regression failures against the baseline ([] = passed); ``None`` when it holds for another stream."""
+    baseline = json.loads(baseline_path.read_text())
+    if baseline.get("meta", {}).get("stream") != fingerprint:
+        return None
+    return regression_gate(report, baseline, tolerance, min_posts=min_posts)
 
 
 def _say(message: str) -> None:
@@ -57,7 +119,7 @@ def ensure_data(settings: Settings) -> Path:
         return sample
     _say(f"no benchmark at {settings.data_dir}; building a {DEMO_SAMPLE_TWEETS}-tweet sample (a few minutes)")
     _cli("data", "fetch")
-    _cli("data", "build", "--out", str(sample), "--sample", str(DEMO_SAMPLE_TWEETS), "--clean-only")
+    _cli(*sample_build_args(sample))
     return sample
 
 
@@ -68,11 +130,9 @@ def ensure_model(settings: Settings, data_dir: Path) -> Path:
         return settings.model_dir
     trained = settings.model_dir.parent / "demo-trained"
     _say("no exported model; training a small serving head on cached features (about a minute on 2 cores)")
-    _cli("train", "--model", "serving", "--epochs", "10", "--out", str(trained), "--data-dir", str(data_dir),
-         "--no-progress")
+    _cli(*train_args(trained, data_dir))
     _say("exporting encoders and heads to ONNX with a parity check (1-2 minutes)")
-    _cli("export", "--model-dir", str(trained), "--out", str(settings.model_dir), "--data-dir", str(data_dir),
-         "--head-samples", "1000", "--int8-eval-posts", "0")
+    _cli(*export_args(trained, settings.model_dir, data_dir))
     return settings.model_dir
 
 
@@ -99,11 +159,17 @@ def running_worker(settings: Settings, log_path: Path) -> Iterator[WorkerProcess
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--posts", type=int, default=2000, help="posts to replay (default 2000)")
+    parser.add_argument("--posts", type=int, default=DEMO_POSTS, help=f"posts to replay (default {DEMO_POSTS})")
     parser.add_argument("--rate", type=float, default=None, help="cap the replay at N posts/s")
-    parser.add_argument("--drop", default="image=0.3,transcript=0.3", help="modalities to drop (replay --drop)")
-    parser.add_argument("--corrupt", default="text=0.1,image=0.1", help="modalities to corrupt (replay --corrupt)")
-    parser.add_argument("--malformed", type=float, default=0.02, help="fraction of malformed payloads")
+    parser.add_argument("--drop", default=DEMO_DROP, help=f"modalities to drop (replay --drop; {DEMO_DROP})")
+    parser.add_argument("--corrupt", default=DEMO_CORRUPT,
+                        help=f"modalities to corrupt (replay --corrupt; {DEMO_CORRUPT})")
+    parser.add_argument("--malformed", type=float, default=DEMO_MALFORMED, help="fraction of malformed payloads")
+    parser.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE,
+                        help="robustness baseline: exit 3 when macro F1 of a fault group falls by more than "
+                             f"{GATE_TOLERANCE} (default: the committed first demo report)")
+    parser.add_argument("--write-baseline", type=Path, default=None, metavar="PATH",
+                        help="write this run's report as a new baseline (after reviewing it)")
     parser.add_argument("--report", type=Path, default=None, help="report dir (default <state>/demo-report)")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack running afterwards")
 
@@ -112,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from stream.tools.replay import parse_rates
 
     settings = get_settings()
+    gate_result: list[str] | None = None
     report_dir = args.report or settings.state_dir / "demo-report"
     stack = LocalStack(settings)
     already = {s.name for s in stack.status() if s.running}
@@ -126,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         with running_worker(settings, settings.state_dir / "demo-worker.log") as worker:
             faults = Faults(drop=parse_rates(args.drop), corrupt=parse_rates(args.corrupt),
                             malformed=args.malformed, seed=0)
+            fingerprint = stream_fingerprint(recording, faults, args.posts)
             _say(f"replaying {args.posts} posts of {recording} with faults {faults.to_dict()}")
             options = ReplayOptions(faults=faults, speed=None, rate=args.rate, max_posts=args.posts,
                                     timeout_s=180, progress=True)
@@ -139,8 +207,26 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: report[k] for k in ("delivery", "latency_s", "throughput") if k in report}, indent=1))
         _say(f"report: {report_dir}/report.md (+ report.json, PNG plots); metrics were at {metrics_url} "
              f"(a copy in {report_dir}/metrics.txt)")
+        if args.write_baseline is not None:
+            manifest = json.loads((settings.model_dir / "manifest.json").read_text())
+            record = baseline_record(report, stream=fingerprint, model=manifest.get("version"),
+                                     recording=recording.name, faults=faults.to_dict(), posts=args.posts,
+                                     tolerance=GATE_TOLERANCE, min_posts=GATE_MIN_POSTS)
+            args.write_baseline.parent.mkdir(parents=True, exist_ok=True)
+            args.write_baseline.write_text(json.dumps(record, indent=1) + "\n")
+            _say(f"baseline written to {args.write_baseline}")
+        elif args.baseline is not None and args.baseline.is_file():
+            gate_result = gate(report, args.baseline, fingerprint)
+            if gate_result is None:
+                _say(f"robustness gate skipped: {args.baseline} was measured on another stream (sample or faults)")
+            elif gate_result:
+                for failure in gate_result:
+                    _say(f"robustness regression: {failure}")
+                _say(f"robustness gate FAILED against {args.baseline} (tolerance {GATE_TOLERANCE} macro F1)")
+            else:
+                _say(f"robustness gate passed against {args.baseline} (tolerance {GATE_TOLERANCE} macro F1)")
         _say(f"finished in {time.monotonic() - started:.0f} s")
-        return 0
+        return 3 if gate_result else 0
     finally:
         if args.keep_running or "broker" in already:
             _say("leaving the local stack running")

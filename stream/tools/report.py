@@ -31,6 +31,7 @@ from stream.tools.replay_results import EVENT, PublishedPost, ReceivedEvent, Rep
 
 __all__ = [
     "SERVED",
+    "baseline_record",
     "build_report",
     "classification_metrics",
     "compare_reports",
@@ -494,10 +495,26 @@ def regression_gate(
             continue
         if min(int(before.get("n", 0)), int(after.get("n", 0))) < min_posts:
             continue
-        b, a = float(before["macro_f1"]), float(after["macro_f1"])
+        if before.get("macro_f1") is None:  # an empty group's NaN, written as null: nothing to hold
+            continue
+        b = float(before["macro_f1"])
+        a = math.nan if after.get("macro_f1") is None else float(after["macro_f1"])
         if math.isnan(a) or a < b - tolerance:  # NaN counts as a fall
             failures.append(f"{name}: macro F1 {a:.4f} vs baseline {b:.4f} ({a - b:+.4f}, tolerance {tolerance})")
     return failures
+
+
+def baseline_record(report: Mapping[str, Any], scorer: str = SERVED, **meta: Any) -> dict[str, Any]:
+    """What :func:`regression_gate` reads of a report (overall and per fault group), with provenance.
+
+    Small enough to commit: the demo's first run is the baseline every later run is held to.
+    """
+    scored = report["metrics"][scorer]
+    return _strict_json({
+        "kind": "robustness-baseline",
+        "meta": dict(meta),
+        "metrics": {scorer: {"overall": scored["overall"], "fault": dict(sorted(scored["fault"].items()))}},
+    })
 
 
 # -- rendering -------------------------------------------------------------------------------------

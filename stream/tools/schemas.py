@@ -90,7 +90,8 @@ CONTRACT: Final = (
             "event_ts": "event time of the post, Unix seconds",
             "emit_ts": "time the event was produced, Unix seconds",
             "stages": "seconds per pipeline stage for the post's micro-batch (diagnostics; names may grow)",
-            "flags": "degradations: queue_stale | queue_unavailable (scored without fresh DRF queue statistics)",
+            "flags": "degradations: queue_stale | queue_unavailable (scored without fresh DRF queue statistics; "
+            "only with SENTIMENT_QUEUE_MOMENTS=live)",
             "schema_version": "version of this contract, MAJOR.MINOR; same as the schema-version header",
             "score": "probs[positive] - probs[negative], in -1..1",
             "latency_s": "emit_ts - event_ts, seconds",

@@ -294,7 +294,8 @@ def test_corrupt_moments_flag_events_and_flushall_reseeds(
     port = free_port()
     server = subprocess.Popen(redis_server_argv(port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     settings = worker_settings.model_copy(
-        update={"redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_s": 0.3, "queue_stats_ttl_s": 0.2}
+        update={"redis_url": f"redis://127.0.0.1:{port}/0", "redis_timeout_s": 0.3, "queue_stats_ttl_s": 0.2,
+                "queue_moments": "live"}  # the setting under which the queue's moments reach the scores
     )
     keys = QueueKeys(Manifest.load(settings.model_dir).version)
     posts = benchmark_posts[:400]

@@ -40,7 +40,7 @@ def test_every_valid_post_gets_one_event_and_every_invalid_one_a_dead_letter(
         assert ev.present == post.present
         assert ev.recovered == tuple(m for m in MODALITIES if m not in post.present)
         assert set(ev.quality) == set(post.present) and all(0 <= q <= 1 for q in ev.quality.values())
-        assert ev.event_ts == 100.0 and ev.flags == ("queue_unavailable",)
+        assert ev.event_ts == 100.0 and ev.flags == ()  # frozen training moments: no queue, nothing degraded
         assert ev.label == ("negative", "neutral", "positive")[int(np.argmax(ev.probs))]
 
 
@@ -65,9 +65,29 @@ def test_only_complete_confident_posts_are_enqueued(scorer: PostScorer, benchmar
     assert strict.score(_records(posts), None).enqueue == {}
 
 
-def test_redis_statistics_replace_the_training_queue_and_degraded_ones_are_flagged(
+def test_by_default_the_training_moments_score_whatever_the_live_queue_holds(
     scorer: PostScorer, benchmark_posts: list[Post]
 ) -> None:
+    d = scorer.queue_dim
+    stats = QueueStats(
+        "queue_stale",
+        count=dict.fromkeys(MODALITIES, 50),
+        mean={m: np.full(d, 0.5, np.float32) for m in MODALITIES},
+        var={m: np.full(d, 2.0, np.float32) for m in MODALITIES},
+    )
+    mean, var = scorer.moments(stats)
+    np.testing.assert_array_equal(mean, scorer.manifest.queue_moments()[0])
+    np.testing.assert_array_equal(var, scorer.manifest.queue_moments()[1])
+    records = _records(benchmark_posts[:20])
+    with_queue, without = scorer.score(records, stats).events, scorer.score(records, None).events
+    assert [e.probs for e in with_queue] == [e.probs for e in without]
+    assert all(e.flags == () for e in with_queue)
+
+
+def test_live_moments_replace_the_training_queue_and_degraded_ones_are_flagged(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    scorer = PostScorer(scorer.manifest, scorer.settings.model_copy(update={"queue_moments": "live"}))
     d = scorer.queue_dim
     stats = QueueStats(
         "ok",
@@ -82,6 +102,7 @@ def test_redis_statistics_replace_the_training_queue_and_degraded_ones_are_flagg
     stale = QueueStats("queue_stale", stats.count, stats.mean, stats.var)
     assert scorer.score(_records(benchmark_posts[:3]), stale).events[0].flags == ("queue_stale",)
     assert scorer.score(_records(benchmark_posts[:3]), stats).events[0].flags == ()
+    assert scorer.score(_records(benchmark_posts[:3]), None).events[0].flags == ("queue_unavailable",)
 
 
 def test_an_oversized_dead_letter_keeps_a_prefix_and_says_so(scorer: PostScorer) -> None:

@@ -206,7 +206,8 @@ def test_redis_outage_loses_nothing_flags_events_and_recovers(
     redis_cmd = redis_server_argv(port, tmp_path)
     redis = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    extra = {"redis_url": url, "redis_timeout_s": 0.2, "queue_stats_ttl_s": 0.2}
+    # live moments: the setting under which a Redis outage changes scores, so events must say so
+    extra = {"redis_url": url, "redis_timeout_s": 0.2, "queue_stats_ttl_s": 0.2, "queue_moments": "live"}
     settings = worker_settings.model_copy(update=extra)
     posts = benchmark_posts[:900]
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
@@ -285,9 +286,10 @@ def test_sigterm_finishes_the_batch_and_exits_cleanly(
 def test_stream_outputs_equal_the_offline_scorer(
     worker_settings: Settings, benchmark_posts: list[Post], tmp_path: Path
 ) -> None:
-    # No pushes: the queue keeps its seeded moments, so the stream and the offline scorer see the same state.
-    extra = {"enqueue_min_confidence": 1.0, "enqueue_min_quality": 1.0}
-    settings = worker_settings.model_copy(update=extra)
+    # The default frozen (training) moments: the worker pushes confident complete posts into the live queue as
+    # it goes, and still scores exactly as the offline scorer with no queue at all.
+    settings = worker_settings
+    assert settings.queue_moments == "training"
     posts = benchmark_posts[:400]
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
@@ -304,7 +306,9 @@ def test_stream_outputs_equal_the_offline_scorer(
         async with FeatureQueue(manifest.version, settings) as queue:
             return await queue.stats(refresh=True)
 
-    offline = scorer.score([InputRecord(value=encode_post(p)) for p in posts], _run(stats()))
+    live = _run(stats())
+    assert live.count and min(live.count.values()) > 0, "the live queue is kept (drift monitoring)"
+    offline = scorer.score([InputRecord(value=encode_post(p)) for p in posts], None)
     assert len(offline.events) == len(posts)
     for ev in offline.events:
         streamed = got.events[ev.id][0]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
-from stream.tools.report import regression_gate
+from stream.tools.report import baseline_record, regression_gate
 
 
 def _report(clean: float, text: float, n_text: int = 50) -> dict[str, Any]:
@@ -45,3 +46,20 @@ def test_small_groups_are_not_judged_and_missing_groups_fail() -> None:
     assert regression_gate(missing, base) == ["fault corrupt:text: in the baseline (n=50) but not in this run"]
     nan = _report(0.80, float("nan"))
     assert any("corrupt:text" in f for f in regression_gate(nan, base))
+
+
+def test_a_trimmed_baseline_gates_like_the_report_and_survives_strict_json() -> None:
+    base = _report(0.80, 0.60)
+    base["metrics"]["served"]["fault"]["corrupt:image"] = {"n": 30, "macro_f1": float("nan")}
+    record = baseline_record(base, stream="abc", model="m1")
+    text = json.dumps(record, allow_nan=False)  # NaN became null: a committed baseline is strict JSON
+    loaded = json.loads(text)
+    assert loaded["meta"] == {"stream": "abc", "model": "m1"}
+    assert set(loaded["metrics"]) == {"served"}
+    assert regression_gate(base, loaded) == []  # a null baseline group holds nothing
+    lower = copy.deepcopy(base)
+    lower["metrics"]["served"]["overall"]["macro_f1"] = 0.65
+    assert [f.split(":")[0] for f in regression_gate(lower, loaded)] == ["overall"]
+    worse = copy.deepcopy(base)
+    worse["metrics"]["served"]["fault"]["clean"]["macro_f1"] = None  # an emptied group read back from JSON
+    assert any(f.startswith("fault clean") for f in regression_gate(worse, loaded))
