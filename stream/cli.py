@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("models.train", "train a head (DRF, FSRF, serving head or a baseline) on cached features"),
     "evaluate": ("models.evaluate", "run the robustness protocol and write results"),
     "export": ("export.onnx_export", "export encoders and head to ONNX with a manifest and parity report"),
+    "ship": ("export.ship", "make a trained serving head the shipped default (weights + model card)"),
     "worker": ("stream.service.app", "run the Faust streaming worker"),
     "record": ("stream.tools.recording", "record a topic into a replayable file"),
     "replay": ("stream.tools.replay", "replay a recording with injected faults and write a robustness report"),

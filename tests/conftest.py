@@ -79,7 +79,7 @@ _MODEL_CODE = (
     "stream/service/manifest.py",
 )
 _ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_TWEETS = demo.DEMO_SAMPLE_TWEETS
+SAMPLE_TWEETS = 2500
 
 
 def _code_hash(files: Sequence[str], *extra: object) -> str:
@@ -125,7 +125,7 @@ def sample_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with _exclusive(out):
         if not (out / "READY").exists():
             shutil.rmtree(out, ignore_errors=True)
-            _cli(*demo.sample_build_args(out))
+            _cli("data", "build", "--out", str(out), "--sample", str(SAMPLE_TWEETS), "--clean-only", "--seed", "0")
             (out / "READY").touch()
     return out
 
@@ -135,16 +135,40 @@ def served_model(sample_benchmark: Path, tmp_path_factory: pytest.TempPathFactor
     """An exported model dir (manifest.json + ONNX files) trained on the sample benchmark."""
     if os.environ.get("SENTIMENT_TEST_MODEL"):  # a developer's already-exported model
         return Path(os.environ["SENTIMENT_TEST_MODEL"])
-    recipe = (demo.train_args(Path("M"), Path("D")), demo.export_args(Path("M"), Path("E"), Path("D")))
-    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS, str(sample_benchmark), recipe)
+    key = _code_hash(_MODEL_CODE, SAMPLE_TWEETS, str(sample_benchmark))
     root = _artifact_root(tmp_path_factory)
     model, exported = root / f"model-{key}", root / f"export-{key}"
     with _exclusive(exported):
         if not (exported / "manifest.json").exists():
             shutil.rmtree(model, ignore_errors=True)
-            # the demo's recipe, so the demo's committed robustness baseline holds for this model too
-            _cli(*demo.train_args(model, sample_benchmark))
-            _cli(*demo.export_args(model, exported, sample_benchmark))
+            _cli("train", "--model", "serving", "--epochs", "8", "--out", str(model),
+                 "--data-dir", str(sample_benchmark), "--no-progress")
+            _cli("export", "--model-dir", str(model), "--out", str(exported), "--data-dir", str(sample_benchmark),
+                 "--head-samples", "400", "--int8-eval-posts", "0")
+    return exported
+
+
+@pytest.fixture(scope="session")
+def full_benchmark_posts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full benchmark's posts and pools, no feature cache: the demo's stream (seconds to build)."""
+    out = _artifact_root(tmp_path_factory) / f"posts-{_code_hash(_DATA_CODE, 'full')}"
+    with _exclusive(out):
+        if not (out / "READY").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            _cli(*demo.benchmark_build_args(out))
+            (out / "READY").touch()
+    return out
+
+
+@pytest.fixture(scope="session")
+def shipped_model(full_benchmark_posts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The head that ships with the project, exported the way `make demo` exports it."""
+    shipped = sorted((_ROOT / "models" / "shipped" / "serving-fsrf").iterdir())
+    key = _code_hash([*_MODEL_CODE, *(str(p.relative_to(_ROOT)) for p in shipped)], "shipped")
+    exported = _artifact_root(tmp_path_factory) / f"shipped-{key}"
+    with _exclusive(exported):
+        if not (exported / "manifest.json").exists():
+            _cli(*demo.shipped_export_args(exported, full_benchmark_posts))
     return exported
 
 

@@ -507,7 +507,8 @@ class Manifest:
         root = Path(directory)
         path = root / MANIFEST_FILE
         if not path.is_file():
-            raise ManifestError(f"{path} not found: run `sentiment-stream export --model-dir MODEL --out {root}`")
+            raise ManifestError(f"no exported model in {root}: `sentiment-stream export --shipped --out {root}` "
+                                f"exports the one that ships with the project (2-3 minutes)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -1,9 +1,10 @@
 """``sentiment-stream demo``: the whole product in one command, on a fresh machine.
 
-Starts the local stack, makes sure a served model exists (trains and exports a small one when none does,
-which takes a few minutes on 2 cores), starts a worker, replays the benchmark's test recording with
-faults injected, prints the robustness report and where the metrics are, then stops what it started.
-Training and export run as ``sentiment-stream`` subprocesses, so this module never imports torch.
+Starts the local stack, makes sure a served model exists (exports the serving head that ships with the
+project when none does: 2-3 minutes on 2 cores), starts a worker, replays the full benchmark's test split
+(posts that head never saw in training) with faults injected, prints the robustness report and where the
+metrics are, holds the report to the committed baseline (exit 3 on a regression), then stops what it
+started. Data build and export run as ``sentiment-stream`` subprocesses, so this module never imports torch.
 """
 
 from __future__ import annotations
@@ -31,44 +32,38 @@ from stream.tools.services import LocalStack
 __all__ = [
     "DEFAULT_BASELINE",
     "add_arguments",
+    "benchmark_build_args",
     "demo_faults",
     "ensure_recording",
-    "export_args",
     "gate",
     "run",
-    "sample_build_args",
+    "shipped_export_args",
     "stream_fingerprint",
-    "train_args",
 ]
 
-DEMO_SAMPLE_TWEETS = 2500  # enough for a useful head; the full build is `sentiment-stream data build`
-# The demo's stream: the test split of its sample, with these faults (seeded), replayed as fast as possible.
+# The demo's stream: the full benchmark's test split (posts the shipped head never saw in training), with
+# these faults (seeded), replayed as fast as possible.
 DEMO_DROP = "image=0.3,transcript=0.3"
 DEMO_CORRUPT = "text=0.1,image=0.1"
 DEMO_MALFORMED = 0.02
 DEMO_POSTS = 2000
-# Its first report, committed: every later demo (and CI, on the same sample and recipe) is held to it.
+# Its first report on the shipped head, committed: every later demo, and CI, is held to it.
 DEFAULT_BASELINE = Path(__file__).resolve().parents[2] / "docs" / "robustness" / "demo-baseline.json"
 GATE_TOLERANCE = 0.01
 GATE_MIN_POSTS = 20
 
 
-# -- the recipe: the same sample, head and export for `make demo` and for the test suite's model ----------
+# -- the recipe: the same benchmark posts and export for `make demo` and for CI's robustness gate ----------
 
 
-def sample_build_args(out: Path) -> list[str]:
-    return ["data", "build", "--out", str(out), "--sample", str(DEMO_SAMPLE_TWEETS), "--clean-only", "--seed", "0"]
+def benchmark_build_args(out: Path) -> list[str]:
+    """The full benchmark's posts and pools, no feature cache (seconds): the stream the demo replays."""
+    return ["data", "build", "--out", str(out), "--seed", "0", "--no-features"]
 
 
-def train_args(out: Path, data_dir: Path, *extra: str) -> list[str]:
-    """``extra``: e.g. ``--ablate quality`` for a deliberately degraded head (docs/robustness.md)."""
-    return ["train", "--model", "serving", "--epochs", "10", "--seed", "0", "--out", str(out),
-            "--data-dir", str(data_dir), "--no-progress", *extra]
-
-
-def export_args(model_dir: Path, out: Path, data_dir: Path) -> list[str]:
-    return ["export", "--model-dir", str(model_dir), "--out", str(out), "--data-dir", str(data_dir),
-            "--head-samples", "1000", "--int8-eval-posts", "0"]
+def shipped_export_args(out: Path, data_dir: Path) -> list[str]:
+    """The shipped head, exported; its int8 cost comes from its card when ``data_dir`` has no feature cache."""
+    return ["export", "--shipped", "--out", str(out), "--data-dir", str(data_dir), "--head-samples", "1000"]
 
 
 def demo_faults() -> Faults:
@@ -106,33 +101,31 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> None:
     _say(f"  done in {time.monotonic() - started:.0f} s")
 
 
-def _has_features(data_dir: Path) -> bool:
-    return (data_dir / "manifest.json").is_file() and (data_dir / "features").is_dir()
+def _has_posts(data_dir: Path) -> bool:
+    return (data_dir / "manifest.json").is_file() and (data_dir / "posts").is_dir()
 
 
 def ensure_data(settings: Settings) -> Path:
-    """A built benchmark with features: the configured one, else a small sample built now."""
-    if _has_features(settings.data_dir):
+    """The benchmark's posts: the configured benchmark, else the full one's posts built now (no features)."""
+    if _has_posts(settings.data_dir):
         return settings.data_dir
-    sample = settings.data_dir.parent / "demo-data"
-    if _has_features(sample):
-        return sample
-    _say(f"no benchmark at {settings.data_dir}; building a {DEMO_SAMPLE_TWEETS}-tweet sample (a few minutes)")
+    built = settings.data_dir.parent / "demo-benchmark"
+    if _has_posts(built):
+        return built
+    _say(f"no benchmark at {settings.data_dir}; building the benchmark's posts (no feature cache, under a minute)")
     _cli("data", "fetch")
-    _cli(*sample_build_args(sample))
-    return sample
+    _cli(*benchmark_build_args(built))
+    return built
 
 
 def ensure_model(settings: Settings, data_dir: Path) -> Path:
-    """An exported model: the configured one, else a small serving head trained and exported now."""
+    """An exported model: the configured one, else the head that ships with the project, exported now."""
     if (settings.model_dir / "manifest.json").is_file():
         _say(f"serving the model in {settings.model_dir}")
         return settings.model_dir
-    trained = settings.model_dir.parent / "demo-trained"
-    _say("no exported model; training a small serving head on cached features (about a minute on 2 cores)")
-    _cli(*train_args(trained, data_dir))
-    _say("exporting encoders and heads to ONNX with a parity check (1-2 minutes)")
-    _cli(*export_args(trained, settings.model_dir, data_dir))
+    _say("no exported model; exporting the shipped serving head (models/shipped/serving-fsrf/MODEL_CARD.md) "
+         "with its parity check (2-3 minutes)")
+    _cli(*shipped_export_args(settings.model_dir, data_dir))
     return settings.model_dir
 
 
