@@ -35,6 +35,7 @@ from models.dims import TEXT_DIM
 from stream.service.manifest import HEAD_INPUTS, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_OUTPUT, Manifest
 from stream.service.preprocess import TextTokenizer, images_to_batch
 from stream.service.runtime import ModelSession, create_session
+from stream.service.scoring import INT8_TEXT_SUB_BATCH
 from stream.service.settings import Settings
 from stream.tools.classification import classification_metrics, macro_f1
 
@@ -380,8 +381,10 @@ def int8_accuracy_cost(
             session = create_session(manifest.text_encoder_path(variant), settings)
             t0 = time.perf_counter()
             for modality, items in sources.items():
+                # int8 one text per run, as served (INT8_TEXT_SUB_BATCH: dynamic quantisation is batch-dependent)
                 encoded[variant][modality][start:start + chunk] = _encode_texts(
-                    session, tokenizers[modality], items[start:start + chunk], batch)
+                    session, tokenizers[modality], items[start:start + chunk],
+                    INT8_TEXT_SUB_BATCH if variant == "int8" else batch)
             timing[variant] += time.perf_counter() - t0
 
     head = create_session(manifest.head_path(recovery or manifest.default_recovery), settings)
@@ -413,6 +416,7 @@ def int8_accuracy_cost(
         "posts": len(rows),
         "recovery": recovery or manifest.default_recovery,
         "batch": batch,
+        "int8_batch": INT8_TEXT_SUB_BATCH,
         "intra_op_threads": settings.intra_op_threads,
         "metrics": results,
         "cosine_int8_vs_fp32": {"text_mean": float(cos_text.mean()), "text_min": float(cos_text.min()),

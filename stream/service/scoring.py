@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -60,6 +60,14 @@ class BatchOutcome:
     stages: dict[str, float] = field(default_factory=dict)
 
 
+# The int8 text encoder is dynamically quantised: ONNX Runtime scales each activation tensor by its own
+# min/max at run time, so in a batch a post's embedding depends on its neighbours (measured on the shipped
+# model: 55 of 1,950 labels flipped between two replays of the same stream, |Δp| up to 0.18). One text per
+# run makes every post's score its own (byte-identical in any batch), for about 8 % of the int8 speed-up
+# (docs/performance.md). The export's int8 accuracy gate measures the encoder the same way.
+INT8_TEXT_SUB_BATCH: Final = 1
+
+
 class PostScorer:
     """Encoders + head from an exported manifest, with the preprocessing they were trained with."""
 
@@ -89,7 +97,12 @@ class PostScorer:
         self.fallback_mean, self.fallback_var = manifest.queue_moments()
         # Sub-batches: measured on CPU (docs/performance.md); a GPU wants far bigger ones.
         gpu = self.settings.gpu_sub_batch
-        self.sub_batch = gpu if self.text_session.provider == CUDA else max(1, self.settings.encode_sub_batch)
+        if self.text_session.provider == CUDA:
+            self.sub_batch = gpu
+        elif self.text_variant == "int8":
+            self.sub_batch = INT8_TEXT_SUB_BATCH
+        else:
+            self.sub_batch = max(1, self.settings.encode_sub_batch)
         self.image_sub_batch = gpu if self.image_session.provider == CUDA else max(1, self.settings.image_sub_batch)
         entries = self.settings.encode_cache_entries
         self.cache = EncodeCache(entries, f"{self.version}/{self.text_variant}") if entries > 0 else None

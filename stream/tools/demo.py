@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
              f"(a copy in {report_dir}/metrics.txt)")
         if args.write_baseline is not None:
             manifest = json.loads((settings.model_dir / "manifest.json").read_text())
-            record = baseline_record(report, stream=fingerprint, model=manifest.get("version"),
+            record = baseline_record(report, stream=fingerprint, model=manifest.get("model_version"),
                                      recording=recording.name, faults=faults.to_dict(), posts=args.posts,
                                      tolerance=GATE_TOLERANCE, min_posts=GATE_MIN_POSTS)
             args.write_baseline.parent.mkdir(parents=True, exist_ok=True)
