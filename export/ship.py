@@ -86,8 +86,8 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
         "data": {
             "generator_version": data_manifest.get("generator_version"),
             "seed": data_manifest.get("seed"),
-            "counts": {s: data_manifest["counts"][s]["total"] for s in ("train", "val", "test")
-                       if s in data_manifest.get("counts", {})},
+            "counts": {s: data_manifest["counts"]["posts"][s]["total"] for s in ("train", "val", "test")
+                       if s in data_manifest.get("counts", {}).get("posts", {})},
             "pairing": data_manifest.get("pairing"),
             "image_identities": (data_manifest.get("pools") or {}).get("image_identities"),
             "synthetic_pairing": True,
