@@ -52,6 +52,19 @@ def test_scores_do_not_depend_on_batch_composition(scorer: PostScorer, benchmark
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
 
 
+def test_int8_scores_do_not_depend_on_batch_composition_either(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    # dynamic int8 quantisation scales per run: batched, a post's embedding moved with its neighbours
+    int8 = PostScorer(scorer.manifest, scorer.settings.model_copy(update={"text_encoder": "int8"}))
+    assert int8.text_variant == "int8" and int8.sub_batch == 1
+    posts = [p for p in benchmark_posts[:60] if p.text is not None][:24]
+    together = int8.score(_records(posts), None).events
+    alone = [int8.score(_records([p]), None).events[0] for p in posts]
+    for a, b in zip(together, alone, strict=True):  # batched, this moved by up to 5e-3 (0.18 on the full model)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+
+
 def test_only_complete_confident_posts_are_enqueued(scorer: PostScorer, benchmark_posts: list[Post]) -> None:
     posts = benchmark_posts[:70]
     permissive = PostScorer(
