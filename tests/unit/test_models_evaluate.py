@@ -113,3 +113,20 @@ def test_fault_conditions_use_their_own_variant_and_report_the_majority_share() 
     # every typo'd text is the same constant row, so text-only gives one class to every post
     assert out["fixed_C_text_typos"]["majority_share"] == 1.0
     assert 1 / 3 <= out["clean"]["majority_share"] < 0.6
+
+
+def test_fault_training_comparison_puts_both_trainings_side_by_side() -> None:
+    from models.experiments.fault_training import comparison_markdown
+
+    def results(share: float) -> dict[str, object]:
+        cells = {"clean": {"weighted_f1": 0.7, "macro_f1": 0.6, "majority_share": 0.4},
+                 "fixed_C_text_typos": {"weighted_f1": 0.5, "macro_f1": 0.45, "majority_share": share}}
+        return {"n_test": 10, "per_seed": {"late_zero": {"0": cells}}, "skipped": ["fixed_C_image_crop"]}
+
+    md = comparison_markdown(results(0.9), results(0.5))
+    rows = [line for line in md.splitlines() if line.startswith("| late_zero |")]
+    assert [r.split(" | ")[1] for r in rows[:2]] == ["noise", "real"]
+    share_table = md.split("**share of the majority predicted class**")[1].split("**")[0]
+    assert "| late_zero | noise | 40.0 | — | — | — | — | 90.0 |" in share_table
+    assert "| late_zero | real | 40.0 | — | — | — | — | 50.0 |" in share_table
+    assert "corrupt_image_crop" in md
