@@ -430,7 +430,7 @@ def build_features(
     if not clean_only:
         image_by_id = {i.id: i for i in images}
         transcript_by_id = {t.id: t for t in transcripts}
-        text_memo: dict[tuple[str, str], np.ndarray] = {}
+        text_memo = _cached_text_variants(folder, {corrupt_variant("text", k) for k in kinds.get("text", ())})
         for split in splits_to_corrupt:
             t0 = time.monotonic()
             _build_variants(enc, folder, split, posts[split], seed, rate_subset if split in rate_splits else 0,
@@ -448,6 +448,24 @@ def build_features(
     _save_json(folder / "info.json", info)
     log.info("feature cache %s: %.1f MB, %.0f s", folder, size / 1e6, timings["total_s"])
     return folder
+
+
+def _cached_text_variants(folder: Path, variants: set[str]) -> dict[tuple[str, str], np.ndarray]:
+    """``(variant, post id) -> row`` of the text variants already in the cache, in any split.
+
+    A tweet keeps its id in every split family and its corruption is keyed by (variant, id), so a later
+    build of another split family (e.g. the ``control_*`` splits) reuses these rows instead of
+    re-encoding the same corrupted tweets.
+    """
+    memo: dict[tuple[str, str], np.ndarray] = {}
+    for path in sorted((folder / "variants").glob("*/corrupt_text*.npz")):
+        if path.stem not in variants:
+            continue
+        with np.load(path, allow_pickle=False) as npz:
+            features = npz["features"].astype(np.float32)
+            for n, post_id in enumerate(npz["ids"]):
+                memo[(path.stem, str(post_id))] = features[n]
+    return memo
 
 
 def _build_variants(

@@ -84,6 +84,14 @@ def test_tiny_build_writes_per_kind_variants_for_train_and_val(tmp_path: Path) -
     build_features(tmp_path, rate_subset=0, threads=1, splits_to_corrupt=("train", "val"), corrupt_kinds=kinds)
     assert {p: p.stat().st_mtime_ns for p in (folder / "variants").rglob("*.npz")} == stamps
 
+    # another split family reuses the cached corrupted tweets: a control post's text variant is the same row
+    build_features(tmp_path, rate_subset=0, threads=1, splits_to_corrupt=("control_train",), corrupt_kinds=kinds)
+    control = load_features(tmp_path, "control_train", "corrupt_text_typos")
+    by_id = {str(i): n for n, i in enumerate(typos.ids)}
+    shared = [n for n, i in enumerate(control.ids) if str(i) in by_id]
+    assert shared
+    np.testing.assert_array_equal(control.text[shared], typos.text[[by_id[str(control.ids[n])] for n in shared]])
+
     # the trainer attaches every variant, aligned by post id
     table = attach_corrupted(load_table(tmp_path, "train"), tmp_path, "train")
     assert table.corrupted_variants["text"] == ["corrupt_text", "corrupt_text_truncate", "corrupt_text_typos"]
