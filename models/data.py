@@ -769,11 +769,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _feature_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clean-only", action="store_true", help="skip the corrupted test variants")
-    parser.add_argument("--rate-subset", type=int, default=1000, help="test posts in each rate_* variant")
+    parser.add_argument("--clean-only", action="store_true", help="skip the corrupted variants")
+    parser.add_argument("--rate-subset", type=int, default=1000,
+                        help="test posts in each rate_* variant (0: no rate variants)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for encoding")
     parser.add_argument("--corrupt-splits", default="test,control_test,topic_test",
-                        help="comma-separated test splits that get the corrupt_* variants, in build order")
+                        help="comma-separated splits that get the corrupt_* variants, in build order; "
+                        "add train,val (e.g. train,val,test) to train on real content faults")
+    parser.add_argument("--corrupt-kinds", default="mask",
+                        help="content faults to encode, one corrupt_* variant each: mask (default: the "
+                        "papers' masking), all, or a comma list of KIND or MODALITY:KIND "
+                        "(text: delete,truncate,typos; transcript: asr,delete,truncate; "
+                        "image: blur,downscale,jpeg,crop); mask is always included")
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -782,6 +789,15 @@ def _split_list(value: str) -> tuple[str, ...]:
     if unknown:
         raise SystemExit(f"unknown splits {sorted(unknown)}; choose from {', '.join(SPLITS)}")
     return splits
+
+
+def _kinds(value: str) -> dict[str, tuple[str, ...]]:
+    from models.features import parse_corrupt_kinds
+
+    try:
+        return parse_corrupt_kinds(value)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -800,13 +816,15 @@ def run(args: argparse.Namespace) -> int:
                 from models.features import build_features
 
                 build_features(out, clean_only=args.clean_only, rate_subset=args.rate_subset,
-                               threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits))
+                               threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits),
+                               corrupt_kinds=_kinds(args.corrupt_kinds))
             return 0
         if args.data_command == "features":
             from models.features import build_features
 
             build_features(args.data_dir or data_dir, clean_only=args.clean_only, rate_subset=args.rate_subset,
-                           threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits))
+                           threads=args.threads, splits_to_corrupt=_split_list(args.corrupt_splits),
+                           corrupt_kinds=_kinds(args.corrupt_kinds))
             return 0
         if args.data_command == "baselines":
             from models.baselines_data import run_baselines

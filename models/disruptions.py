@@ -17,10 +17,13 @@ import numpy as np
 from stream.service.vocabulary import MODALITIES
 
 __all__ = [
+    "CORRUPT_KINDS",
     "INTRA_RATES",
     "RANDOM_RATIOS",
     "Condition",
     "Plan",
+    "corrupt_variant",
+    "parse_corrupt_variant",
     "plan_condition",
     "protocol_grid",
     "rate_variant",
@@ -28,6 +31,14 @@ __all__ = [
 
 RANDOM_RATIOS: Final = (0.2, 0.4, 0.6, 0.8, 1.0)
 INTRA_RATES: Final = tuple(round(0.1 * i, 1) for i in range(10))
+# The content faults of stream.tools.faults that make sense per modality, ``mask`` (the papers' protocol)
+# first. A tweet is typed, so it gets typos but no ASR confusions; a transcript is recognised speech, so
+# the reverse. Every image fault applies to an emoji image.
+CORRUPT_KINDS: Final[dict[str, tuple[str, ...]]] = {
+    "text": ("mask", "delete", "truncate", "typos"),
+    "image": ("mask", "blur", "downscale", "jpeg", "crop"),
+    "transcript": ("mask", "asr", "delete", "truncate"),
+}
 
 Disruption = Literal["none", "C", "D", "C+D"]
 
@@ -39,6 +50,32 @@ def rate_variant(modality: str, rate: float) -> str:
     return f"rate_{modality}_{rate:.1f}"
 
 
+def corrupt_variant(modality: str, kind: str = "mask") -> str:
+    """Feature-variant name of ``modality`` under content fault ``kind`` (40–80 % rate per post).
+
+    ``mask`` keeps the original name ``corrupt_<modality>`` (the papers' masking); every other kind is
+    ``corrupt_<modality>_<kind>``, e.g. ``corrupt_text_typos``.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}")
+    if kind not in CORRUPT_KINDS[modality]:
+        raise ValueError(f"no {kind!r} fault for {modality} (known: {', '.join(CORRUPT_KINDS[modality])})")
+    return f"corrupt_{modality}" if kind == "mask" else f"corrupt_{modality}_{kind}"
+
+
+def parse_corrupt_variant(name: str) -> tuple[str, str] | None:
+    """``(modality, kind)`` of a :func:`corrupt_variant` name, ``None`` for any other variant name."""
+    if not name.startswith("corrupt_"):
+        return None
+    modality, _, kind = name.removeprefix("corrupt_").partition("_")
+    if modality not in MODALITIES:
+        return None
+    kind = kind or "mask"
+    if kind == "mask" and name != f"corrupt_{modality}":
+        return None  # "corrupt_text_mask" is not a name: mask is plain corrupt_text
+    return (modality, kind) if kind in CORRUPT_KINDS[modality] else None
+
+
 # -- the evaluation protocol -------------------------------------------------------------------
 
 
@@ -46,7 +83,8 @@ def rate_variant(modality: str, rate: float) -> str:
 class Condition:
     """One cell of the robustness protocol.
 
-    ``family``: ``clean`` | ``fixed`` | ``random`` | ``subset`` | ``rate``.
+    ``family``: ``clean`` | ``fixed`` | ``fault`` | ``random`` | ``subset`` | ``rate``. ``fault`` is
+    ``fixed`` C with another content fault than masking (``kind``, variant :func:`corrupt_variant`).
     ``modalities``: the modalities the disruption may hit (for ``subset``: the modalities kept).
     ``disruption``: C = corrupt (use the ``corrupt_<modality>`` feature variant), D = discard (presence
     mask), C+D = each disrupted (post, modality) is corrupted or discarded with probability 1/2.
@@ -55,11 +93,12 @@ class Condition:
     """
 
     name: str
-    family: Literal["clean", "fixed", "random", "subset", "rate"]
+    family: Literal["clean", "fixed", "fault", "random", "subset", "rate"]
     modalities: tuple[str, ...] = ()
     disruption: Disruption = "none"
     ratio: float = 0.0
     rate: float | None = None
+    kind: str = "mask"
 
     @property
     def variants(self) -> dict[str, str]:
@@ -67,22 +106,26 @@ class Condition:
         if self.family == "rate" and self.rate is not None:
             return {m: rate_variant(m, self.rate) for m in self.modalities}
         if "C" in self.disruption:
-            return {m: f"corrupt_{m}" for m in self.modalities}
+            return {m: corrupt_variant(m, self.kind) for m in self.modalities}
         return {}
 
 
 def protocol_grid() -> list[Condition]:
     """Every condition of the protocol, in report order.
 
-    clean; Fixed C / D / C+D on each modality (every post); Random ratios 0.2…1.0 with C, D and C+D
-    (one random modality per disrupted post); every non-empty subset of modalities (the rest
-    discarded); intra-modal rates 0.0…0.9 per modality.
+    clean; Fixed C / D / C+D on each modality (every post); Fixed C with each other content fault of
+    :data:`CORRUPT_KINDS` (``fixed_C_<modality>_<kind>``, family ``fault``); Random ratios 0.2…1.0 with
+    C, D and C+D (one random modality per disrupted post); every non-empty subset of modalities (the
+    rest discarded); intra-modal rates 0.0…0.9 per modality.
     """
     grid = [Condition("clean", "clean")]
     kinds: tuple[Disruption, ...] = ("C", "D", "C+D")
     for modality in MODALITIES:
         for kind in kinds:
             grid.append(Condition(f"fixed_{kind}_{modality}", "fixed", (modality,), kind, 1.0))
+    for modality in MODALITIES:
+        for fault in CORRUPT_KINDS[modality][1:]:
+            grid.append(Condition(f"fixed_C_{modality}_{fault}", "fault", (modality,), "C", 1.0, kind=fault))
     for kind in kinds:
         for ratio in RANDOM_RATIOS:
             grid.append(Condition(f"random_{kind}_{ratio:.1f}", "random", MODALITIES, kind, ratio))
@@ -124,7 +167,7 @@ def plan_condition(condition: Condition, n: int, rng: np.random.Generator) -> Pl
         return Plan(present, corrupted)
 
     hit = rng.random(n) < condition.ratio if condition.ratio < 1.0 else np.ones(n, dtype=bool)
-    if condition.family == "fixed":
+    if condition.family in ("fixed", "fault"):
         column = np.full(n, index[condition.modalities[0]])
     else:
         column = rng.integers(0, len(MODALITIES), size=n)

@@ -2,6 +2,7 @@
 
     sentiment-stream evaluate --runs-dir RUNS --out DIR [--data-dir D] [--split random|topic|control]
         [--methods TAG ...] [--ablations] [--seeds 0 1 2] [--train-missing --epochs E]
+        [--train-corruption auto|real|noise] [--p-noise P]
 
 A *method* is a trained head plus its options (``serving_fsrf`` = serving head trained with FSRF
 recovery; ``fsrf-no_orth`` = FSRF with the orthogonality loss off). Runs live in
@@ -9,10 +10,13 @@ recovery; ``fsrf-no_orth`` = FSRF with the orthogonality loss off). Runs live in
 missing ones first with ``models.train``.
 
 Every condition of :func:`models.disruptions.protocol_grid` is evaluated on the test split of
-``--split``: clean; Fixed C / D / C+D on each modality; Random ratios 0.2…1.0; every non-empty subset of
-modalities; intra-modal rates 0.0…0.9. Corruption uses the *real* corrupted feature variants
-(``corrupt_<m>``, ``rate_<m>_<r>``); a condition whose variant is not in the cache is reported as
-skipped. The disruption plan of a run is drawn with that run's seed, so the spread over seeds covers
+``--split``: clean; Fixed C / D / C+D on each modality; Fixed C under each other content fault
+(``fixed_C_<m>_<kind>``); Random ratios 0.2…1.0; every non-empty subset of modalities; intra-modal rates
+0.0…0.9. Corruption uses the *real* corrupted feature variants (``corrupt_<m>``,
+``corrupt_<m>_<kind>``, ``rate_<m>_<r>``); a condition whose variant is not in the cache is reported as
+skipped. Besides accuracy and the F1s, every condition records ``majority_share``: the share of posts
+given the most frequent predicted class (a head that collapses to one class under a fault shows ~1.0).
+The disruption plan of a run is drawn with that run's seed, so the spread over seeds covers
 both training and disruption randomness. Writes ``results.json``, ``results.md`` and PNG plots.
 """
 
@@ -24,7 +28,7 @@ import logging
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,14 +36,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.common import MODALITIES, View
-from models.disruptions import INTRA_RATES, RANDOM_RATIOS, Condition, plan_condition, protocol_grid
+from models.common import LABELS, MODALITIES, View
+from models.disruptions import (
+    CORRUPT_KINDS,
+    INTRA_RATES,
+    RANDOM_RATIOS,
+    Condition,
+    corrupt_variant,
+    plan_condition,
+    protocol_grid,
+)
 from models.train import (
     DRF_PARTS,
     FSRF_PARTS,
     SPLITS,
     FeatureTable,
     TrainDisruption,
+    add_corruption_arguments,
+    load_corrupted,
     load_model_dir,
     load_table,
     make_config,
@@ -53,7 +67,7 @@ from stream.tools.classification import METRIC_KEYS, classification_metrics
 __all__ = ["ABLATION_METHODS", "MAIN_METHODS", "EvalData", "Method", "add_arguments", "evaluate_run", "run"]
 
 log = logging.getLogger(__name__)
-METRICS: Final = METRIC_KEYS  # accuracy, weighted_f1, macro_f1
+METRICS: Final = (*METRIC_KEYS, "majority_share")  # accuracy, weighted_f1, macro_f1, majority_share
 F1_METRICS: Final = ("weighted_f1", "macro_f1")
 
 
@@ -98,23 +112,30 @@ class EvalData:
     """The clean test table and the real corrupted variants that exist for it."""
 
     clean: FeatureTable
-    corrupt: dict[str, np.ndarray]  # modality -> corrupted features, rows aligned with ``clean``
+    corrupt: dict[str, np.ndarray]  # modality -> masked (``corrupt_<m>``) features, rows aligned with ``clean``
     rates: dict[str, FeatureTable]  # rate variant name -> its table (a subset of posts)
+    faults: dict[str, np.ndarray] = field(default_factory=dict)  # ``corrupt_<m>_<kind>`` -> features, aligned
 
     @classmethod
     def load(cls, data_dir: Path, split: str) -> EvalData:
         clean = load_table(data_dir, split)
         position = {str(i): n for n, i in enumerate(clean.ids)}
         corrupt: dict[str, np.ndarray] = {}
+        faults: dict[str, np.ndarray] = {}
         for m, modality in enumerate(MODALITIES):
-            try:
-                variant = load_table(data_dir, split, f"corrupt_{modality}")
-            except FileNotFoundError:
-                continue
-            rows = np.array([position[str(i)] for i in variant.ids])
-            full = clean.features[m].copy()  # a post the variant lacks stays clean (none expected)
-            full[rows] = variant.features[m]
-            corrupt[modality] = full
+            for kind in CORRUPT_KINDS[modality]:
+                name = corrupt_variant(modality, kind)
+                try:
+                    variant = load_table(data_dir, split, name)
+                except FileNotFoundError:
+                    continue
+                rows = np.array([position[str(i)] for i in variant.ids])
+                full = clean.features[m].copy()  # a post the variant lacks stays clean (none expected)
+                full[rows] = variant.features[m]
+                if kind == "mask":
+                    corrupt[modality] = full
+                else:
+                    faults[name] = full
         rates: dict[str, FeatureTable] = {}
         for condition in protocol_grid():
             if condition.family != "rate":
@@ -124,7 +145,7 @@ class EvalData:
                 rates[name] = load_table(data_dir, split, name)
             except (FileNotFoundError, ValueError):
                 continue
-        return cls(clean, corrupt, rates)
+        return cls(clean, corrupt, rates, faults)
 
 
 def condition_view(data: EvalData, condition: Condition, seed: int) -> tuple[View, np.ndarray] | None:
@@ -136,8 +157,11 @@ def condition_view(data: EvalData, condition: Condition, seed: int) -> tuple[Vie
             return None
         return _view(table.features, table.available), table.label
     needed = condition.variants
-    if any(m not in data.corrupt for m in needed):
+    pool = data.faults if condition.family == "fault" else data.corrupt
+    keys = {m: (v if condition.family == "fault" else m) for m, v in needed.items()}
+    if any(k not in pool for k in keys.values()):
         return None
+    source = {m: pool[k] for m, k in keys.items()}
     clean = data.clean
     rng = np.random.default_rng([seed, zlib.crc32(condition.name.encode())])
     plan = plan_condition(condition, len(clean), rng)
@@ -149,7 +173,7 @@ def condition_view(data: EvalData, condition: Condition, seed: int) -> tuple[Vie
         x = clean.features[m]
         hit = plan.corrupted[:, m] & present[:, m]
         if hit.any():
-            x = np.where(hit[:, None], data.corrupt[modality], x)
+            x = np.where(hit[:, None], source[modality], x)
         features.append(x * present[:, m : m + 1])
     return _view(features, present.astype(np.float32)), clean.label
 
@@ -167,7 +191,11 @@ def evaluate_run(model: nn.Module, data: EvalData, seed: int) -> dict[str, dict[
         if built is None:
             continue
         view, label = built
-        out[condition.name] = classification_metrics(label, predict_proba(model, view).argmax(-1))
+        predicted = predict_proba(model, view).argmax(-1)
+        metrics = dict(classification_metrics(label, predicted))
+        counts = np.bincount(predicted, minlength=len(LABELS))
+        metrics["majority_share"] = float(counts.max() / max(len(predicted), 1))
+        out[condition.name] = metrics
     return out
 
 
@@ -188,10 +216,14 @@ def train_run(
     epochs: int,
     patience: int,
     data_dir: Path,
+    disruption: TrainDisruption | None = None,
 ) -> None:
-    """Train one (method, seed) into ``out`` exactly as ``sentiment-stream train`` would."""
+    """Train one (method, seed) into ``out`` exactly as ``sentiment-stream train`` would.
+
+    ``train`` / ``val`` carry their real corrupted variants already (``models.train.load_corrupted``).
+    """
     config = make_config(method.model, method.ablate, (), method.recovery)
-    disruption = TrainDisruption()
+    disruption = disruption or TrainDisruption()
     result = train_model(
         method.model, config, train, val, seed=seed, epochs=epochs, patience=patience, disruption=disruption
     )
@@ -223,7 +255,9 @@ def _aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, di
     for c in conditions:
         agg[c] = {}
         for metric in METRICS:
-            values = [res[c][metric] for res in per_seed.values() if c in res]
+            values = [res[c][metric] for res in per_seed.values() if c in res and metric in res[c]]
+            if not values:
+                continue
             agg[c][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
     return agg
 
@@ -251,13 +285,16 @@ def markdown_report(results: dict[str, Any]) -> str:
         "",
     ]
     families = [
-        ("Clean and Fixed (one modality always disrupted)", lambda c: c == "clean" or c.startswith("fixed_")),
+        ("Clean and Fixed (one modality always disrupted; fixed_C_<m>_<kind>: another content fault)",
+         lambda c: c == "clean" or c.startswith("fixed_")),
         ("Random (ratio of posts disrupted, one random modality each)", lambda c: c.startswith("random_")),
         ("Modality subsets (the others discarded)", lambda c: c.startswith("subset_")),
         ("Intra-modal corruption rate (documented test subset)", lambda c: c.startswith("rate_")),
     ]
-    for metric in (*F1_METRICS, "accuracy"):
+    for metric in (*F1_METRICS, "accuracy", "majority_share"):
         for title, keep in families:
+            if metric == "majority_share" and not title.startswith("Clean and Fixed"):
+                continue
             rows = [c for c in conditions if keep(c) and any(c in agg[m] for m in methods)]
             if not rows:
                 continue
@@ -393,6 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    add_corruption_arguments(parser)
     parser.add_argument("--summary", action="store_true", help="print the headline table of --out/results.json")
 
 
@@ -417,12 +455,14 @@ def run(args: argparse.Namespace) -> int:
             if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
         ]
         if missing:
+            disruption = TrainDisruption(corruption=args.train_corruption, p_noise=args.p_noise)
             train = load_table(data_dir, train_split)
             val = load_table(data_dir, val_split)
+            train, val = load_corrupted(disruption, train, val, data_dir, (train_split, val_split))
             for method, seed in missing:
                 log.info("training %s seed %d on %s", method.tag, seed, args.split)
                 out = run_dir(args.runs_dir, args.split, method, seed)
-                train_run(method, seed, args.split, train, val, out, args.epochs, args.patience, data_dir)
+                train_run(method, seed, args.split, train, val, out, args.epochs, args.patience, data_dir, disruption)
         if args.train_only:
             return 0
 

@@ -8,7 +8,9 @@ weights; ``<data_dir>/features/CURRENT`` holds the key of the last complete buil
 * ``pool_image.npy`` / ``pool_transcript.npy`` + ``*_ids.json`` — one row per pool item: clean posts
   gather their image and transcript rows, so each pool item is encoded once;
 * ``variants/<split>/<variant>.npz`` — corrupted inputs encoded for real: ``ids``, ``features``
-  (the corrupted modality only) and ``rate`` per post; the other modalities come from the clean cache.
+  (the corrupted modality only), ``rate`` per post, ``modality`` and ``kind``; the other modalities come
+  from the clean cache. ``corrupt_<m>`` is the papers' masking; ``corrupt_<m>_<kind>`` another content
+  fault of :data:`models.disruptions.CORRUPT_KINDS` (opt-in, and opt-in for train and val splits too).
 
 Markers: ``<data_dir>/READY_CLEAN`` once the clean features of every split load, ``READY_ALL`` once the
 corrupted variants are done too. Variant and split names are listed in ``docs/data.md``.
@@ -31,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from models.dims import IMAGE_DIM, TEXT_DIM
-from models.disruptions import INTRA_RATES, rate_variant
+from models.disruptions import CORRUPT_KINDS, INTRA_RATES, corrupt_variant, parse_corrupt_variant, rate_variant
 from stream.service.vocabulary import LABELS, MODALITIES
 from stream.tools.dataset import SPLITS, read_images, read_posts, read_transcripts
 from stream.tools.faults import corrupt_image, corrupt_text, post_rng, sample_rate
@@ -39,12 +41,15 @@ from stream.tools.faults import corrupt_image, corrupt_text, post_rng, sample_ra
 __all__ = [
     "CORRUPT_SPLITS",
     "FEATURE_VERSION",
+    "MASK_ONLY",
     "RATE_SPLITS",
     "RATE_SUBSET",
     "FeatureSet",
     "build_features",
+    "built_corrupt_variants",
     "feature_dir",
     "load_features",
+    "parse_corrupt_kinds",
     "variant_names",
 ]
 
@@ -57,16 +62,62 @@ FEATURE_VERSION: Final = "1"
 CORRUPT_SPLITS: Final = ("test", "control_test", "topic_test")
 RATE_SPLITS: Final = ("test",)
 RATE_SUBSET: Final = 1000
+# The default fault kinds: the papers' masking only (one corrupt_<m> variant per modality).
+MASK_ONLY: Final[dict[str, tuple[str, ...]]] = {m: ("mask",) for m in MODALITIES}
 
 
-def variant_names(split: str) -> list[str]:
-    """Feature variants available for ``split``: ``clean`` and, for test splits, the corrupted ones."""
+def parse_corrupt_kinds(value: str) -> dict[str, tuple[str, ...]]:
+    """``--corrupt-kinds``: ``mask`` (default), ``all``, or a comma list of ``kind`` / ``modality:kind``.
+
+    A bare kind applies to every modality that has it (``delete`` → text and transcript). ``mask`` is
+    always included, so the papers' ``corrupt_<m>`` variants stay comparable across builds. Kinds per
+    modality are those of :data:`models.disruptions.CORRUPT_KINDS`, returned in that order.
+    """
+    chosen: dict[str, set[str]] = {m: {"mask"} for m in MODALITIES}
+    for item in (part.strip() for part in value.split(",")):
+        if not item or item == "mask":
+            continue
+        if item == "all":
+            for m in MODALITIES:
+                chosen[m].update(CORRUPT_KINDS[m])
+            continue
+        modality, sep, kind = item.partition(":")
+        if not sep:
+            modality, kind = "", item
+        targets = [modality] if modality else [m for m in MODALITIES if kind in CORRUPT_KINDS[m]]
+        if not targets or any(m not in CORRUPT_KINDS or kind not in CORRUPT_KINDS[m] for m in targets):
+            known = "; ".join(f"{m}: {', '.join(k)}" for m, k in CORRUPT_KINDS.items())
+            raise ValueError(f"unknown corruption kind {item!r} (known: {known})")
+        for m in targets:
+            chosen[m].add(kind)
+    return {m: tuple(k for k in CORRUPT_KINDS[m] if k in chosen[m]) for m in MODALITIES}
+
+
+def variant_names(
+    split: str,
+    corrupt_splits: Sequence[str] = CORRUPT_SPLITS,
+    kinds: dict[str, tuple[str, ...]] | None = None,
+    rate_splits: Sequence[str] = RATE_SPLITS,
+) -> list[str]:
+    """Feature variants a build with these options makes for ``split`` (defaults: the default build).
+
+    ``clean``; for each split in ``corrupt_splits`` one ``corrupt_*`` variant per (modality, kind) of
+    ``kinds`` (default: masking only); for rate splits the ``rate_*`` variants.
+    """
+    kinds = kinds or MASK_ONLY
     names = ["clean"]
-    if split in CORRUPT_SPLITS:
-        names += [f"corrupt_{m}" for m in MODALITIES]
-    if split in RATE_SPLITS:
+    if split in corrupt_splits:
+        names += [corrupt_variant(m, k) for m in MODALITIES for k in kinds.get(m, ())]
+    if split in rate_splits:
         names += [rate_variant(m, r) for m in MODALITIES for r in INTRA_RATES]
     return names
+
+
+def built_corrupt_variants(data_dir: str | Path, split: str, key: str | None = None) -> dict[str, list[str]]:
+    """The ``corrupt_*`` variants of ``split`` present in the cache, per modality, in CORRUPT_KINDS order."""
+    folder = feature_dir(Path(data_dir), key) / "variants" / split
+    names = {p.stem for p in folder.glob("corrupt_*.npz")} if folder.is_dir() else set()
+    return {m: [corrupt_variant(m, k) for k in CORRUPT_KINDS[m] if corrupt_variant(m, k) in names] for m in MODALITIES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +199,7 @@ def load_features(data_dir: str | Path, split: str, variant: str = "clean", key:
     corrupted_modality: str | None = None
     corrupted: np.ndarray | None = None
     rates: np.ndarray | None = None
+    kind: str | None = None
     if variant == "clean":
         chosen = posts
     elif variant.startswith("rate_") and variant.endswith("_0.0"):
@@ -163,6 +215,7 @@ def load_features(data_dir: str | Path, split: str, variant: str = "clean", key:
             corrupted = npz["features"].astype(np.float32, copy=False)
             rates = npz["rate"].astype(np.float32, copy=False)
             corrupted_modality = str(npz["modality"])
+            kind = str(npz["kind"]) if "kind" in npz.files else None
         chosen = [posts[post_index[i]] for i in ids]
 
     ids_list = [p["id"] for p in chosen]
@@ -197,6 +250,7 @@ def load_features(data_dir: str | Path, split: str, variant: str = "clean", key:
         "p_transcript": pairing["control"]["p_transcript"] if control else pairing["p_transcript"],
         "generator_version": manifest["generator_version"],
         "corrupted_modality": corrupted_modality or (variant.split("_")[1] if variant.startswith("rate_") else None),
+        "corruption_kind": kind or (parse_corrupt_variant(variant) or (None, None))[1],
         "corruption_rate": rates,
         "topic": np.array([p["topic"] for p in chosen]),
         "image_congruent": np.array([p["image_label"] == p["label"] for p in chosen], dtype=bool),
@@ -311,14 +365,18 @@ def build_features(
     threads: int = 2,
     splits_to_corrupt: Sequence[str] = CORRUPT_SPLITS,
     rate_splits: Sequence[str] = RATE_SPLITS,
+    corrupt_kinds: dict[str, tuple[str, ...]] | None = None,
 ) -> Path:
     """Encode the benchmark in ``data_dir`` into the feature cache; returns the cache folder.
 
     Order: pools, every post text, then ``READY_CLEAN``; then the corrupted variants of each split in
-    ``splits_to_corrupt``, then ``READY_ALL``. Finished files are skipped on a re-run, so an
-    interrupted build resumes. ``rate_subset`` posts of each test split (a seeded sample, listed in
-    ``variants/<split>/rate_subset.json``) get the ``rate_*`` variants.
+    ``splits_to_corrupt`` (any split, train and val included), then ``READY_ALL``. Finished files are
+    skipped on a re-run, so an interrupted build resumes. ``corrupt_kinds`` (see
+    :func:`parse_corrupt_kinds`; default: masking only) names the content faults per modality, one
+    ``corrupt_*`` variant each. ``rate_subset`` posts of each split in ``rate_splits`` (a seeded
+    sample, listed in ``variants/<split>/rate_subset.json``) get the ``rate_*`` variants.
     """
+    kinds = corrupt_kinds or MASK_ONLY
     data_dir = Path(data_dir)
     started = time.monotonic()
     (data_dir / "READY_ALL").unlink(missing_ok=True)
@@ -372,23 +430,42 @@ def build_features(
     if not clean_only:
         image_by_id = {i.id: i for i in images}
         transcript_by_id = {t.id: t for t in transcripts}
-        text_memo: dict[tuple[str, str], np.ndarray] = {}
+        text_memo = _cached_text_variants(folder, {corrupt_variant("text", k) for k in kinds.get("text", ())})
         for split in splits_to_corrupt:
             t0 = time.monotonic()
             _build_variants(enc, folder, split, posts[split], seed, rate_subset if split in rate_splits else 0,
-                            image_folder, image_by_id, transcript_by_id, text_memo)
+                            image_folder, image_by_id, transcript_by_id, text_memo, kinds)
             timings[f"variants_{split}_s"] = time.monotonic() - t0
         (data_dir / "READY_ALL").write_text(f"{enc.key}\n")
     timings["total_s"] = time.monotonic() - started
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     info = {"key": enc.key, "feature_version": FEATURE_VERSION, "seed": seed, "rate_subset": rate_subset,
             "corrupted_splits": [] if clean_only else list(splits_to_corrupt),
+            "corrupt_kinds": {} if clean_only else {m: list(k) for m, k in kinds.items()},
             "rate_splits": [] if clean_only else list(rate_splits), "image_runtime": "onnxruntime fp32 export",
             "timings": timings,
             "bytes": size}
     _save_json(folder / "info.json", info)
     log.info("feature cache %s: %.1f MB, %.0f s", folder, size / 1e6, timings["total_s"])
     return folder
+
+
+def _cached_text_variants(folder: Path, variants: set[str]) -> dict[tuple[str, str], np.ndarray]:
+    """``(variant, post id) -> row`` of the text variants already in the cache, in any split.
+
+    A tweet keeps its id in every split family and its corruption is keyed by (variant, id), so a later
+    build of another split family (e.g. the ``control_*`` splits) reuses these rows instead of
+    re-encoding the same corrupted tweets.
+    """
+    memo: dict[tuple[str, str], np.ndarray] = {}
+    for path in sorted((folder / "variants").glob("*/corrupt_text*.npz")):
+        if path.stem not in variants:
+            continue
+        with np.load(path, allow_pickle=False) as npz:
+            features = npz["features"].astype(np.float32)
+            for n, post_id in enumerate(npz["ids"]):
+                memo[(path.stem, str(post_id))] = features[n]
+    return memo
 
 
 def _build_variants(
@@ -402,6 +479,7 @@ def _build_variants(
     image_by_id: dict[str, Any],
     transcript_by_id: dict[str, Any],
     text_memo: dict[tuple[str, str], np.ndarray],
+    kinds: dict[str, tuple[str, ...]] = MASK_ONLY,
 ) -> None:
     """Encode the corrupted variants of one split; ``text_memo`` reuses corrupted tweets across splits."""
     out = folder / "variants" / split
@@ -417,12 +495,12 @@ def _build_variants(
     def raw_text(p: dict[str, Any], modality: str) -> str:
         return str(p["text"]) if modality == "text" else transcript_by_id[p["transcript_id"]].text
 
-    jobs: list[tuple[str, str, list[dict[str, Any]], float | None]] = [
-        (f"corrupt_{m}", m, posts, None) for m in MODALITIES
+    jobs: list[tuple[str, str, str, list[dict[str, Any]], float | None]] = [
+        (corrupt_variant(m, k), m, k, posts, None) for m in MODALITIES for k in kinds.get(m, ())
     ]
     if subset:
-        jobs += [(rate_variant(m, r), m, subset, r) for m in MODALITIES for r in INTRA_RATES if r > 0.0]
-    for variant, modality, rows, fixed_rate in jobs:
+        jobs += [(rate_variant(m, r), m, "mask", subset, r) for m in MODALITIES for r in INTRA_RATES if r > 0.0]
+    for variant, modality, kind, rows, fixed_rate in jobs:
         path = out / f"{variant}.npz"
         if path.is_file():
             continue
@@ -437,13 +515,14 @@ def _build_variants(
         if modality == "image":
 
             def image_at(n: int, rows: list[dict[str, Any]] = rows, rngs: list[Any] = rngs,
-                         rates: np.ndarray = rates) -> Image.Image:
+                         rates: np.ndarray = rates, kind: str = kind) -> Image.Image:
                 img = _load_png(image_folder, image_by_id[rows[n]["image_id"]].file)
-                return corrupt_image(img, float(rates[n]), rngs[n])
+                return corrupt_image(img, float(rates[n]), rngs[n], kind)  # type: ignore[arg-type]
 
             features = enc.images(len(rows), image_at, desc)
         else:
-            texts = [corrupt_text(raw_text(p, modality), float(rates[n]), rngs[n]) for n, p in enumerate(rows)]
+            texts = [corrupt_text(raw_text(p, modality), float(rates[n]), rngs[n], kind)  # type: ignore[arg-type]
+                     for n, p in enumerate(rows)]
             features = np.zeros((len(rows), TEXT_DIM), dtype=np.float32)
             # the same tweet under the same variant is corrupted identically in every split
             memo_keys = [(variant, p["id"]) if modality == "text" else None for p in rows]
@@ -458,5 +537,5 @@ def _build_variants(
                     text_memo[memo_keys[n]] = features[n]  # type: ignore[index]
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, ids=np.array([p["id"] for p in rows]), features=features, rate=rates,
-                 modality=np.array(modality))
+                 modality=np.array(modality), kind=np.array(kind))
         os.replace(tmp, path)

@@ -2,7 +2,7 @@
 
     sentiment-stream train --model {serving,drf,fsrf,text_only,late_zero,early_dropout} --seed S
         --epochs E --out DIR [--data-dir D] [--split random|topic|control] [--recovery fsrf|drf]
-        [--ablate PART ...] [--set KEY=VALUE ...]
+        [--ablate PART ...] [--set KEY=VALUE ...] [--train-corruption auto|real|noise] [--p-noise P]
 
 Writes the trained model dir (``docs/architecture.md``): ``config.json``, ``head.pt``, ``queue.npz``
 (one ``[K,d]`` float32 array per modality: projected features of clean, complete, confident training
@@ -10,11 +10,20 @@ posts) and ``metrics.json``.
 
 **Training disruptions.** Each training view disrupts a random ``ratio`` of the samples: one random
 available modality (a second one with probability ``p_second``) is *discarded* (presence mask) with
-probability ``p_discard``, else *corrupted*. The feature cache holds real corrupted variants only for
-the test splits, so training corruption is feature-level: ``x' = (1-a) x + a (mu + sd * eps)`` with
-``a ~ U(0.4, 0.8)`` (the 40–80 % content-masking range) and the training set's per-dimension mean and
-std. This noise is used *only for training* (and for the validation score that early stopping reads);
-evaluation uses the real corrupted features.
+probability ``p_discard``, else *corrupted*. What "corrupted" means is ``--train-corruption``:
+
+* ``real`` / ``auto`` (default): when the cache holds real corrupted variants of the train split
+  (``data features --corrupt-splits train,val,... --corrupt-kinds ...``), a corrupted modality is
+  replaced by that post's encoded, content-corrupted feature of a kind drawn uniformly per sample
+  among the cached ones (``corrupt_text``, ``corrupt_text_typos``, ...). With ``p_noise`` > 0 that
+  share of corrupted cells gets feature noise instead (extra augmentation). A modality without cached
+  variants falls back to feature noise; ``real`` refuses to train when the train split has none.
+* ``noise``: feature-level noise ``x' = (1-a) x + a (mu + sd * eps)`` with ``a ~ U(0.4, 0.8)`` (the
+  40–80 % content-masking range) and the training set's per-dimension mean and std (the only option
+  before train and val variants existed).
+
+The validation "disrupted" score uses the val split's real variants the same way when present. Every
+head sees the same views, so the comparison stays fair; evaluation always uses the real test variants.
 
 **Model selection.** Early stopping on the validation score: the mean of the macro-F1 on clean
 validation posts and on validation posts disrupted as in training (fixed seed). The test split is
@@ -29,7 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,6 +72,7 @@ __all__ = [
     "TrainDisruption",
     "TrainResult",
     "add_arguments",
+    "attach_corrupted",
     "build_model",
     "load_model_dir",
     "load_table",
@@ -109,6 +119,9 @@ class FeatureTable:
     available: np.ndarray  # float32 [N,3]: the modality exists in the data
     label: np.ndarray  # int64 [N]
     meta: dict[str, Any]
+    # modality -> float32 [K, N, d]: the rows under K cached content faults (``attach_corrupted``)
+    corrupted: dict[str, np.ndarray] = field(default_factory=dict)
+    corrupted_variants: dict[str, list[str]] = field(default_factory=dict)  # modality -> the K variant names
 
     def __len__(self) -> int:
         return len(self.label)
@@ -120,7 +133,21 @@ class FeatureTable:
             self.available[index],
             self.label[index],
             self.meta,
+            {m: bank[:, index] for m, bank in self.corrupted.items()},
+            dict(self.corrupted_variants),
         )
+
+    def corrupted_bank(self, index: np.ndarray | Tensor | None = None) -> list[Tensor | None]:
+        """Per modality (MODALITIES order) the ``[K, B, d]`` corrupted rows of ``index`` (all rows if None)."""
+        out: list[Tensor | None] = []
+        for m in MODALITIES:
+            bank = self.corrupted.get(m)
+            if bank is None:
+                out.append(None)
+            else:
+                rows = bank if index is None else bank[:, np.asarray(index)]
+                out.append(torch.from_numpy(np.ascontiguousarray(rows)))
+        return out
 
 
 def load_table(data_dir: Path, split: str, variant: str = "clean") -> FeatureTable:
@@ -142,6 +169,36 @@ def load_table(data_dir: Path, split: str, variant: str = "clean") -> FeatureTab
     return FeatureTable(np.asarray(fs.ids), features, available, np.asarray(fs.label, dtype=np.int64), meta)  # type: ignore[arg-type]
 
 
+def attach_corrupted(table: FeatureTable, data_dir: Path, split: str) -> FeatureTable:
+    """``table`` with every cached ``corrupt_*`` variant of ``split`` that covers all its rows attached.
+
+    Rows are aligned by post id; a variant missing some post is skipped with a warning. Returns the table
+    unchanged when the split has no variants (the training disruption then falls back to feature noise).
+    """
+    from models.features import built_corrupt_variants
+
+    position = {str(i): n for n, i in enumerate(table.ids)}
+    banks: dict[str, np.ndarray] = {}
+    names: dict[str, list[str]] = {}
+    for m, variants in built_corrupt_variants(data_dir, split).items():
+        i = MODALITIES.index(m)
+        rows: list[np.ndarray] = []
+        for variant in variants:
+            v = load_table(data_dir, split, variant)
+            where = np.array([position.get(str(pid), -1) for pid in v.ids])
+            if len(where) != len(table) or (where < 0).any() or len(set(where.tolist())) != len(table):
+                log.warning("%s/%s does not cover the split's %d posts: not used for training", split, variant,
+                            len(table))
+                continue
+            x = np.empty_like(table.features[i])
+            x[where] = v.features[i]
+            rows.append(x * table.available[:, i : i + 1])
+            names.setdefault(m, []).append(variant)
+        if rows:
+            banks[m] = np.stack(rows)
+    return dataclasses.replace(table, corrupted=banks, corrupted_variants=names)
+
+
 def synthetic_table(n: int, seed: int, signal: Sequence[float] = (1.5, 0.8, 0.8)) -> FeatureTable:
     """Label-dependent Gaussian features (for tests and smoke runs): class mean times ``signal[m]``."""
     rng = np.random.default_rng([seed, 7])
@@ -160,15 +217,31 @@ def synthetic_table(n: int, seed: int, signal: Sequence[float] = (1.5, 0.8, 0.8)
 # -- training disruptions ----------------------------------------------------------------------
 
 
+CORRUPTION_SOURCES: Final = ("auto", "real", "noise")
+
+
 @dataclass
 class TrainDisruption:
-    """How training views are disrupted (feature-level; see the module docstring)."""
+    """How training views are disrupted (see the module docstring).
+
+    ``corruption``: ``auto`` / ``real`` use the real corrupted rows passed to :func:`disrupt` where a
+    modality has them (``real`` additionally requires them when loading), ``noise`` always uses feature
+    noise. ``p_noise``: share of really-corrupted cells that get feature noise instead.
+    """
 
     ratio: float = 0.5
     p_discard: float = 0.5
     p_second: float = 0.25
     noise_low: float = 0.4
     noise_high: float = 0.8
+    corruption: str = "auto"
+    p_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.corruption not in CORRUPTION_SOURCES:
+            raise ValueError(f"corruption must be one of {CORRUPTION_SOURCES}, got {self.corruption!r}")
+        if not 0.0 <= self.p_noise <= 1.0:
+            raise ValueError(f"p_noise must be in [0, 1], got {self.p_noise}")
 
 
 @dataclass
@@ -192,8 +265,15 @@ def disrupt(
     cfg: TrainDisruption,
     stats: FeatureStats,
     gen: torch.Generator,
+    corrupted: Sequence[Tensor | None] | None = None,
 ) -> View:
-    """One disrupted view of a batch; at least one modality of every sample stays present."""
+    """One disrupted view of a batch; at least one modality of every sample stays present.
+
+    ``corrupted``: per modality ``None`` or ``[K, B, d]``, the batch's rows under K real content faults.
+    Unless ``cfg.corruption`` is ``noise``, a corrupted cell of such a modality takes the row of a kind
+    drawn uniformly per sample; other modalities get feature noise. The noise draws happen either way,
+    so ``noise`` mode reproduces the views of a run without real variants exactly.
+    """
     b = available.shape[0]
 
     def pick(mask: Tensor) -> Tensor:
@@ -214,6 +294,16 @@ def disrupt(
         a = torch.empty(b, 1).uniform_(cfg.noise_low, cfg.noise_high, generator=gen)
         eps = torch.randn(x.shape, generator=gen)
         noisy = (1 - a) * x + a * (stats.mean[i] + stats.std[i] * eps)
+        bank = corrupted[i] if corrupted is not None and cfg.corruption != "noise" else None
+        if bank is not None:
+            if bank.shape[1:] != x.shape:
+                raise ValueError(f"corrupted rows {tuple(bank.shape)} do not match the batch {tuple(x.shape)}")
+            kind = torch.randint(bank.shape[0], (b,), generator=gen)
+            real = bank[kind, torch.arange(b)]
+            if cfg.p_noise > 0:
+                use_noise = (torch.rand(b, 1, generator=gen) < cfg.p_noise).float()
+                real = use_noise * noisy + (1 - use_noise) * real
+            noisy = real
         c = corrupt[:, i : i + 1]
         out.append((c * noisy + (1 - c) * x) * present[:, i : i + 1])
     return View(out[0], out[1], out[2], present)
@@ -280,8 +370,40 @@ class TrainResult:
 def _val_views(val: FeatureTable, disruption: TrainDisruption, stats: FeatureStats) -> tuple[View, View]:
     clean = table_view(val)
     gen = torch.Generator().manual_seed(12345)
-    disrupted = disrupt(clean.features, clean.present, disruption, stats, gen)
+    disrupted = disrupt(clean.features, clean.present, disruption, stats, gen, val.corrupted_bank())
     return clean, disrupted
+
+
+def corruption_sources(disruption: TrainDisruption, train: FeatureTable, val: FeatureTable) -> dict[str, Any]:
+    """What the corrupt branch used per modality for training and for the validation score."""
+    real = disruption.corruption != "noise"
+    return {
+        "mode": disruption.corruption,
+        "p_noise": disruption.p_noise,
+        **{
+            part: {m: (table.corrupted_variants.get(m) if real else None) or "feature noise" for m in MODALITIES}
+            for part, table in (("train", train), ("val", val))
+        },
+    }
+
+
+def load_corrupted(
+    disruption: TrainDisruption, train: FeatureTable, val: FeatureTable, data_dir: Path, splits: tuple[str, str]
+) -> tuple[FeatureTable, FeatureTable]:
+    """Attach the cached corrupted variants of the train and val splits unless the mode is ``noise``."""
+    if disruption.corruption == "noise":
+        return train, val
+    train = attach_corrupted(train, data_dir, splits[0])
+    val = attach_corrupted(val, data_dir, splits[1])
+    if disruption.corruption == "real" and not train.corrupted:
+        raise SystemExit(
+            f"--train-corruption real: split {splits[0]!r} has no corrupted variants; build them with "
+            f"`sentiment-stream data features --corrupt-splits {splits[0]},{splits[1]},... --corrupt-kinds all`"
+        )
+    for part, table in (("train", train), ("val", val)):
+        log.info("%s corruption: %s", part,
+                 {m: table.corrupted_variants.get(m, "feature noise") for m in MODALITIES})
+    return train, val
 
 
 def evaluate_views(model: nn.Module, views: Sequence[View], label: np.ndarray) -> list[dict[str, float]]:
@@ -329,9 +451,10 @@ def train_model(
                 continue
             feats = [x[idx] for x in data.features]
             available = data.present[idx]
+            bank = train.corrupted_bank(idx.numpy()) if train.corrupted else None
             batch = TrainBatch(
-                view=disrupt(feats, available, disruption, stats, gen),
-                view_b=disrupt(feats, available, disruption, stats, gen),
+                view=disrupt(feats, available, disruption, stats, gen, bank),
+                view_b=disrupt(feats, available, disruption, stats, gen, bank),
                 clean=View(feats[0], feats[1], feats[2], available),
                 label=label[idx],
             )
@@ -381,6 +504,7 @@ def train_model(
         "val_disrupted": disrupted_m,
         "val_score": 0.5 * (clean_m["macro_f1"] + disrupted_m["macro_f1"]),
         "history": history,
+        "corruption": corruption_sources(disruption, train, val),
     }
     return TrainResult(model, metrics, queue)
 
@@ -505,6 +629,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--disrupt-ratio", type=float, default=TrainDisruption.ratio)
+    add_corruption_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--synthetic",
@@ -514,6 +639,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on N synthetic rows instead of the cache (smoke runs)",
     )
     parser.add_argument("--no-progress", action="store_true")
+
+
+def add_corruption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--train-corruption",
+        choices=CORRUPTION_SOURCES,
+        default="auto",
+        help="corrupt branch of the training disruption: real cached variants of the train/val splits "
+        "(auto: where present, real: required) or feature noise",
+    )
+    parser.add_argument(
+        "--p-noise", type=float, default=0.0, help="share of really-corrupted cells given feature noise instead"
+    )
 
 
 def make_config(name: str, ablate: Sequence[str], overrides: Sequence[str], recovery: str | None) -> Any:
@@ -535,13 +673,14 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args.model, args.ablate, args.overrides, args.recovery)
     train_split, val_split, _ = SPLITS[args.split]
     data_dir = args.data_dir or get_settings().data_dir
+    disruption = TrainDisruption(ratio=args.disrupt_ratio, corruption=args.train_corruption, p_noise=args.p_noise)
     if args.synthetic:
         train = synthetic_table(args.synthetic, seed=1)
         val = synthetic_table(max(args.synthetic // 5, 64), seed=2)
     else:
         train = load_table(data_dir, train_split)
         val = load_table(data_dir, val_split)
-    disruption = TrainDisruption(ratio=args.disrupt_ratio)
+        train, val = load_corrupted(disruption, train, val, data_dir, (train_split, val_split))
     result = train_model(
         args.model,
         config,

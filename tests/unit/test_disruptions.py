@@ -150,3 +150,40 @@ def test_subset_keeps_exactly_those_modalities() -> None:
     grid = {c.name: c for c in protocol_grid()}
     plan = plan_condition(grid["subset_text+transcript"], 10, np.random.default_rng(0))
     assert plan.present.tolist() == [[True, False, True]] * 10
+
+
+# -- per-kind content faults -------------------------------------------------------------------
+
+
+def test_corrupt_variant_names_keep_masking_unchanged_and_round_trip() -> None:
+    from models.disruptions import CORRUPT_KINDS, corrupt_variant, parse_corrupt_variant
+    from stream.tools.faults import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
+
+    assert corrupt_variant("text") == "corrupt_text" and corrupt_variant("image", "mask") == "corrupt_image"
+    assert corrupt_variant("text", "typos") == "corrupt_text_typos"
+    assert corrupt_variant("transcript", "asr") == "corrupt_transcript_asr"
+    for modality, kinds in CORRUPT_KINDS.items():
+        assert kinds[0] == "mask"
+        # every kind is one the replay tool can inject
+        assert set(kinds) <= set(IMAGE_CORRUPTIONS if modality == "image" else TEXT_CORRUPTIONS)
+        for kind in kinds:
+            assert parse_corrupt_variant(corrupt_variant(modality, kind)) == (modality, kind)
+    with pytest.raises(ValueError):
+        corrupt_variant("text", "asr")  # tweets are typed: no ASR confusions
+    with pytest.raises(ValueError):
+        corrupt_variant("image", "typos")
+    for name in ("clean", "rate_text_0.3", "corrupt_text_mask", "corrupt_audio", "corrupt_image_typos"):
+        assert parse_corrupt_variant(name) is None
+
+
+def test_fault_conditions_corrupt_every_post_with_their_own_variant() -> None:
+    from models.disruptions import CORRUPT_KINDS
+
+    grid = {c.name: c for c in protocol_grid()}
+    faults = [c for c in grid.values() if c.family == "fault"]
+    assert len(faults) == sum(len(k) - 1 for k in CORRUPT_KINDS.values())
+    assert grid["fixed_C_text_typos"].variants == {"text": "corrupt_text_typos"}
+    assert grid["fixed_C_image_jpeg"].variants == {"image": "corrupt_image_jpeg"}
+    assert grid["fixed_C_text"].variants == {"text": "corrupt_text"}  # masking keeps its name
+    plan = plan_condition(grid["fixed_C_transcript_asr"], 50, np.random.default_rng(0))
+    assert plan.present.all() and plan.corrupted[:, 2].all() and not plan.corrupted[:, :2].any()

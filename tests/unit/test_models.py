@@ -342,3 +342,70 @@ def test_train_command_writes_the_model_dir_layout(tmp_path: Path) -> None:
     assert {"val_clean", "val_disrupted", "train_seconds"} <= set(metrics)
     head = load_serving_head(out, recovery="fsrf")
     assert head.recovery == "fsrf" and int(head.queue.count[0]) == queue["text"].shape[0]
+
+
+def _table_with_bank(n: int = 600) -> tuple[Any, torch.Tensor]:
+    """A synthetic table whose text has two cached "faults": constant rows 7.0 and -7.0, unlike any clean row."""
+    table = synthetic_table(n, seed=0)
+    bank = np.stack([np.full((n, FEATURE_DIMS["text"]), 7.0, np.float32),
+                     np.full((n, FEATURE_DIMS["text"]), -7.0, np.float32)])
+    table = dataclasses.replace(table, corrupted={"text": bank},
+                                corrupted_variants={"text": ["corrupt_text", "corrupt_text_typos"]})
+    return table, bank
+
+
+def test_training_disruption_substitutes_cached_corrupted_rows() -> None:
+    table, _ = _table_with_bank()
+    feats = tuple(torch.from_numpy(x) for x in table.features)
+    available = torch.from_numpy(table.available)
+    stats = FeatureStats.of(table)
+    cfg = TrainDisruption(ratio=1.0, p_discard=0.0, p_second=0.0)
+    view = disrupt(feats, available, cfg, stats, torch.Generator().manual_seed(0), table.corrupted_bank())
+    text_hit = (view.text != feats[0]).any(-1)
+    assert 0.2 < text_hit.float().mean() < 0.45  # one random modality of three per sample
+    hit_rows = view.text[text_hit]
+    is_a, is_b = (hit_rows == 7.0).all(-1), (hit_rows == -7.0).all(-1)
+    assert torch.all(is_a | is_b)  # every corrupted text row is a cached one, no feature noise
+    assert 0.35 < is_a.float().mean() < 0.65  # a kind drawn uniformly per sample
+    # image and transcript have no cached variants: they fall back to feature noise
+    image_hit = (view.image != feats[1]).any(-1)
+    assert image_hit.any() and not torch.any((view.image[image_hit] == 7.0).all(-1))
+
+    # noise mode ignores the bank and reproduces the views of a run without one
+    noise = dataclasses.replace(cfg, corruption="noise")
+    a = disrupt(feats, available, noise, stats, torch.Generator().manual_seed(0), table.corrupted_bank())
+    b = disrupt(feats, available, noise, stats, torch.Generator().manual_seed(0))
+    for x, y in zip(a.features, b.features, strict=True):
+        assert torch.equal(x, y)
+    assert not torch.any((a.text == 7.0).all(-1) | (a.text == -7.0).all(-1))
+    # p_noise=1: every cell gets noise even where real rows exist
+    mixed = dataclasses.replace(cfg, p_noise=1.0)
+    c = disrupt(feats, available, mixed, stats, torch.Generator().manual_seed(0), table.corrupted_bank())
+    assert not torch.any((c.text == 7.0).all(-1) | (c.text == -7.0).all(-1))
+    with pytest.raises(ValueError):
+        TrainDisruption(corruption="images")
+
+
+def test_feature_table_rows_keep_the_corrupted_bank_aligned() -> None:
+    table, bank = _table_with_bank(50)
+    bank[1, 7] = 3.0
+    table.corrupted["text"] = bank
+    sub = table.rows(np.array([7, 9]))
+    assert sub.corrupted["text"].shape == (2, 2, FEATURE_DIMS["text"])
+    assert (sub.corrupted["text"][1, 0] == 3.0).all() and (sub.corrupted["text"][1, 1] == -7.0).all()
+    batch = table.corrupted_bank(np.array([7]))
+    assert batch[1] is None and batch[2] is None and batch[0] is not None and batch[0].shape == (2, 1, 384)
+
+
+def test_training_with_real_corruption_records_its_sources() -> None:
+    train, _ = _table_with_bank(600)
+    val, _ = _table_with_bank(200)
+    result = train_model("late_zero", None, train, val, epochs=1, patience=1, progress=False)
+    assert result.metrics["corruption"]["train"]["text"] == ["corrupt_text", "corrupt_text_typos"]
+    assert result.metrics["corruption"]["val"]["image"] == "feature noise"
+    noise = train_model("late_zero", None, train, val, epochs=1, patience=1, progress=False,
+                        disruption=TrainDisruption(corruption="noise"))
+    assert noise.metrics["corruption"]["train"]["text"] == "feature noise"
+    # the validation "disrupted" score sees the cached rows, so it differs from the noise-disrupted one
+    assert result.metrics["val_disrupted"] != noise.metrics["val_disrupted"] or \
+        result.metrics["val_clean"] != noise.metrics["val_clean"]

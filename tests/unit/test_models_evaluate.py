@@ -96,3 +96,37 @@ def test_evaluation_writes_tables_and_plots(tmp_path: Path) -> None:
     assert "| random_C+D_0.6 |" in text and "| rate_text_0.5 |" in text
     paths = plot_results(results, tmp_path)
     assert paths and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_fault_conditions_use_their_own_variant_and_report_the_majority_share() -> None:
+    data = _data()
+    typos = data.clean.features[0] * 0.0 - 3.0
+    data.faults["corrupt_text_typos"] = typos
+    built = condition_view(data, _by_name("fixed_C_text_typos"), seed=0)
+    assert built is not None
+    np.testing.assert_allclose(built[0].text.numpy(), typos)
+    np.testing.assert_allclose(built[0].image.numpy(), data.clean.features[1])
+    assert condition_view(data, _by_name("fixed_C_text_delete"), seed=0) is None  # not in the cache: skipped
+    model = train_model("text_only", None, data.clean, data.clean, epochs=1, patience=1, progress=False).model
+    out = evaluate_run(model, data, seed=0)
+    assert "fixed_C_text_typos" in out and "fixed_C_text_delete" not in out
+    # every typo'd text is the same constant row, so text-only gives one class to every post
+    assert out["fixed_C_text_typos"]["majority_share"] == 1.0
+    assert 1 / 3 <= out["clean"]["majority_share"] < 0.6
+
+
+def test_fault_training_comparison_puts_both_trainings_side_by_side() -> None:
+    from models.experiments.fault_training import comparison_markdown
+
+    def results(share: float) -> dict[str, object]:
+        cells = {"clean": {"weighted_f1": 0.7, "macro_f1": 0.6, "majority_share": 0.4},
+                 "fixed_C_text_typos": {"weighted_f1": 0.5, "macro_f1": 0.45, "majority_share": share}}
+        return {"n_test": 10, "per_seed": {"late_zero": {"0": cells}}, "skipped": ["fixed_C_image_crop"]}
+
+    md = comparison_markdown(results(0.9), results(0.5))
+    rows = [line for line in md.splitlines() if line.startswith("| late_zero |")]
+    assert [r.split(" | ")[1] for r in rows[:2]] == ["noise", "real"]
+    share_table = md.split("**share of the majority predicted class**")[1].split("**")[0]
+    assert "| late_zero | noise | 40.0 | — | — | — | — | 90.0 |" in share_table
+    assert "| late_zero | real | 40.0 | — | — | — | — | 50.0 |" in share_table
+    assert "corrupt_image_crop" in md
