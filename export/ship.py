@@ -30,6 +30,7 @@ from stream.service.manifest import Manifest, sha256_file
 __all__ = ["add_arguments", "card_markdown", "run", "ship"]
 
 MODEL_FILES = ("config.json", "head.pt", "queue.npz", "metrics.json")
+SHIPPED_DATA = "the full benchmark (card.json: data)"
 # What the card reports (when the test split's feature variants exist): clean, text dropped, and the
 # protocol's random disruptions at ratio 0.6.
 HEADLINE = ("clean", "fixed_D_text", "fixed_C_text", "random_D_0.6", "random_C_0.6", "random_C+D_0.6")
@@ -64,9 +65,12 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(model_dir / name, out / name)
+    # where it was trained on the shipping machine means nothing elsewhere: the card says what the data was
+    shipped_config = {**config, "data_dir": SHIPPED_DATA}
+    (out / "config.json").write_text(json.dumps(shipped_config, indent=2, sort_keys=True) + "\n")
     if parity.get("int8_accuracy"):
         (out / INT8_RECORD_FILE).write_text(
-            json.dumps(int8_record(manifest, parity["int8_accuracy"], data_dir), indent=1) + "\n")
+            json.dumps(int8_record(manifest, parity["int8_accuracy"], Path(SHIPPED_DATA)), indent=1) + "\n")
     else:
         (out / INT8_RECORD_FILE).unlink(missing_ok=True)
     metrics = json.loads((model_dir / "metrics.json").read_text())
