@@ -526,7 +526,10 @@ def evaluate(
         held: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for option in LEARNED:
             for fit, fit_kinds in (("pooled", kinds), ("no_mask", tuple(k for k in kinds if k != "mask"))):
+                t0 = time.perf_counter()
                 s, c, a = _learned_scores(option, fit_kinds, train, val, test, fx, cache, seed)
+                log.info("%s %s %s: C=%g, val AUROC %.3f (%.0f s)", modality, option, fit, c, a,
+                         time.perf_counter() - t0)
                 scores[(option, fit)] = s
                 selection[f"{modality}/{option}/{fit}"] = {"C": c, "val_auroc_pooled": a}
             for kind in kinds:  # each kind scored by a fit that never saw it
