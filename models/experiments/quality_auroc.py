@@ -23,7 +23,8 @@ Quality options, each a score where higher means "looks clean":
    queue snapshot (the rows Redis holds): a density that needs the rows, not only the moments.
    ``learned_stats_knn`` — (2) with the two kNN distances as extra inputs.
 4. ``raw_linear`` — logistic regression on the raw encoder output: a reference upper bound, not a
-   candidate as-is (on text it can key on the literal ``[MASK]`` token).
+   candidate as-is (on text it can key on the literal ``[MASK]`` token). ``raw_plus_z`` — the raw output
+   and ``learned_z``'s inputs together (everything the ONNX head receives).
 
 Learned options are fitted on ``train`` posts, their regularisation chosen on ``val`` posts, and scored on
 ``test`` posts only, three ways: ``pooled`` (every kind in the fit), ``no_mask`` (the ``mask`` kind left out
@@ -92,9 +93,10 @@ PAPER_KINDS: Final = ("mask",)
 TARGET_PAPER: Final = 0.90
 TARGET_REALISTIC: Final = 0.75
 OPTIONS: Final = (
-    "today", "two_sided", "learned_stats", "learned_z", "knn1", "knn10", "learned_stats_knn", "raw_linear"
+    "today", "two_sided", "learned_stats", "learned_z", "knn1", "knn10", "learned_stats_knn", "raw_linear",
+    "raw_plus_z",
 )
-LEARNED: Final = ("learned_stats", "learned_z", "learned_stats_knn", "raw_linear")
+LEARNED: Final = ("learned_stats", "learned_z", "learned_stats_knn", "raw_linear", "raw_plus_z")
 VAR_EPS: Final = 1e-6  # what models/drf.py QualityEstimator adds to the queue variance
 
 
@@ -422,6 +424,10 @@ class _Features:
             return np.concatenate([queue_stats(h, self.mean, self.var), np.log(knn + 1e-12)], axis=1)
         if option == "raw_linear":
             return np.asarray(enc.raw[name], np.float64)
+        if option == "raw_plus_z":
+            z = zscores(h, self.mean, self.var)
+            return np.concatenate([np.asarray(enc.raw[name], np.float64), queue_stats(h, self.mean, self.var), z,
+                                   z * z], axis=1)
         raise ValueError(option)
 
 
@@ -480,12 +486,18 @@ def _learned_scores(
     return {name: -best.decision_function(v) for name, v in f_test.items()}, best_c, best_auc
 
 
+def cell_rng(seed: int, *cell: str) -> np.random.Generator:
+    """The bootstrap generator of one table cell: the same draws whichever other options are evaluated."""
+    return post_rng(seed, "/".join(("bootstrap", *cell)))
+
+
 def evaluate(
     data: dict[str, dict[str, Encoded]],
     manifest: Manifest,
     tau: float,
     n_boot: int,
     seed: int,
+    options: Sequence[str] = OPTIONS,
 ) -> dict[str, Any]:
     """AUROC per modality x kind x option (x fit), with bootstrap intervals; the result document's body."""
     mean, var = manifest.queue_moments()
@@ -494,7 +506,6 @@ def evaluate(
     checks: dict[str, Any] = {}
     selection: dict[str, Any] = {}
     cache: dict[tuple[str, int, str], np.ndarray] = {}
-    rng = np.random.default_rng(seed)
     for j, modality in enumerate(MODALITIES):
         kinds = KINDS[modality]
         train, val, test = (data[s][modality] for s in ("train", "val", "test"))
@@ -523,8 +534,10 @@ def evaluate(
         scores[("knn10", "none")] = {n: -v[:, 1] for n, v in knn.items()}
         # an exact copy of a test item in the queue would flatter kNN: count them
         checks[modality]["test_clean_rows_with_exact_queue_copy"] = int((knn["clean"][:, 0] < 1e-5).sum())
+        scores = {key: v for key, v in scores.items() if key[0] in options}
         held: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-        for option in LEARNED:
+        learned = [o for o in LEARNED if o in options]
+        for option in learned:
             for fit, fit_kinds in (("pooled", kinds), ("no_mask", tuple(k for k in kinds if k != "mask"))):
                 t0 = time.perf_counter()
                 s, c, a = _learned_scores(option, fit_kinds, train, val, test, fx, cache, seed)
@@ -538,11 +551,13 @@ def evaluate(
                 selection[f"{modality}/{option}/held_out_{kind}"] = {"C": c, "val_auroc_pooled": a}
         for kind in kinds:
             for (option, fit), s in scores.items():
+                rng = cell_rng(seed, modality, kind, option, fit)
                 point, low, high = bootstrap_auroc(s["clean"], s[kind], test.groups, n_boot, rng)
                 results.append({"modality": modality, "kind": kind, "option": option, "fit": fit,
                                 "auroc": point, "ci_low": low, "ci_high": high})
-            for option in LEARNED:
+            for option in learned:
                 s = held[(option, kind)]
+                rng = cell_rng(seed, modality, kind, option, "held_out")
                 point, low, high = bootstrap_auroc(s["clean"], s[kind], test.groups, n_boot, rng)
                 results.append({"modality": modality, "kind": kind, "option": option, "fit": "held_out",
                                 "auroc": point, "ci_low": low, "ci_high": high})
@@ -561,7 +576,7 @@ def meets_targets(results: list[dict[str, Any]], option: str, fit: str) -> dict[
     return {"option": option, "fit": fit, "cells": len(rows), "met": len(rows) - len(misses), "misses": misses}
 
 
-def markdown_table(results: list[dict[str, Any]], fit_for_learned: str) -> str:
+def markdown_table(results: list[dict[str, Any]], fit_for_learned: str, options: Sequence[str] = OPTIONS) -> str:
     """Rows modality x kind, columns the options: ``AUROC [low, high]`` (learned options at ``fit_for_learned``)."""
     def cell(modality: str, kind: str, option: str) -> str:
         fit = "none" if option not in LEARNED else fit_for_learned
@@ -571,11 +586,11 @@ def markdown_table(results: list[dict[str, Any]], fit_for_learned: str) -> str:
                 return f"{mark}{r['auroc']:.3f}{mark} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
         return "-"
 
-    head = "| modality | kind | target | " + " | ".join(OPTIONS) + " |"
-    lines = [head, "|---|---|---:|" + "---:|" * len(OPTIONS)]
+    head = "| modality | kind | target | " + " | ".join(options) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(options)]
     for modality in MODALITIES:
         for kind in KINDS[modality]:
-            cells = " | ".join(cell(modality, kind, o) for o in OPTIONS)
+            cells = " | ".join(cell(modality, kind, o) for o in options)
             lines.append(f"| {modality} | {kind} | {target_of(kind):.2f} | {cells} |")
     return "\n".join(lines)
 
@@ -619,15 +634,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _save(cache_path, data)
         (args.out / "timings.json").write_text(json.dumps(timings, indent=1))
     t0 = time.perf_counter()
-    body = evaluate(data, manifest, tau, args.bootstrap, args.seed)
+    options = tuple(args.options.split(",")) if args.options else OPTIONS
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise SystemExit(f"unknown options {sorted(unknown)} (known: {', '.join(OPTIONS)})")
+    body = evaluate(data, manifest, tau, args.bootstrap, args.seed, options)
     summary = [meets_targets(body["results"], o, "none" if o not in LEARNED else fit)
-               for o in OPTIONS for fit in (("pooled", "no_mask", "held_out") if o in LEARNED else ("none",))]
+               for o in options for fit in (("pooled", "no_mask", "held_out") if o in LEARNED else ("none",))]
     doc = {
         "command": "python -m models.experiments.quality_auroc " + " ".join(args.argv),
         "model_version": manifest.version,
         "queue_rows": dict(manifest.queue.rows),
         "tau": tau,
         "seed": args.seed,
+        "options": list(options),
         "posts": counts,
         "excluded_training_texts": len(exclude),
         "synthetic_pairing": True,
@@ -641,7 +661,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     doc["evaluate_s"] = time.perf_counter() - t0
     (args.out / "quality.json").write_text(json.dumps(doc, indent=1))
-    tables = [f"### learned options fitted `{fit}`\n\n{markdown_table(body['results'], fit)}\n"
+    tables = [f"### learned options fitted `{fit}`\n\n{markdown_table(body['results'], fit, options)}\n"
               for fit in ("pooled", "no_mask", "held_out")]
     (args.out / "table.md").write_text("\n".join(tables))
     return doc
@@ -664,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reencode", action="store_true", help="ignore OUT/encoded.npz")
+    parser.add_argument("--options", default="", help=f"comma-separated subset of {','.join(OPTIONS)} (default: all)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

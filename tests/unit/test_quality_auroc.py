@@ -11,6 +11,7 @@ from models.experiments.quality_auroc import (
     _stack,
     auroc,
     bootstrap_auroc,
+    cell_rng,
     knn_distance,
     markdown_table,
     meets_targets,
@@ -139,3 +140,10 @@ def test_encoded_rows_line_up() -> None:
     enc = Encoded(ids=["a"], groups=["g"], raw={"clean": np.zeros((1, 2))}, projected={"clean": np.zeros((1, 2))},
                   quality={"clean": np.ones(1)}, rates={})
     assert enc.raw["clean"].shape[0] == len(enc.ids) == len(enc.groups)
+
+
+def test_cell_rng_depends_on_the_cell_only() -> None:
+    a = cell_rng(0, "text", "mask", "today", "none").integers(1 << 30, size=4)
+    assert (a == cell_rng(0, "text", "mask", "today", "none").integers(1 << 30, size=4)).all()
+    assert (a != cell_rng(0, "text", "mask", "learned_z", "pooled").integers(1 << 30, size=4)).any()
+    assert (a != cell_rng(1, "text", "mask", "today", "none").integers(1 << 30, size=4)).any()
