@@ -128,9 +128,35 @@ class ExportOptions:
 # -- the graphs ----------------------------------------------------------------------------------
 
 
+# Node metadata the dynamo exporter writes that names files on the exporting machine (source paths in stack
+# traces): dropped, so an export is byte-identical wherever it runs (the shipped head's int8 record is keyed by
+# the files' sha256) and leaks no paths.
+_MACHINE_METADATA: Final = ("pkg.torch.onnx.stack_trace",)
+
+
+def _strip_machine_metadata(graph: onnx.GraphProto) -> None:
+    for node in graph.node:
+        keep = [p for p in node.metadata_props if p.key not in _MACHINE_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+        for attr in node.attribute:
+            if attr.g is not None and attr.HasField("g"):
+                _strip_machine_metadata(attr.g)
+            for sub in attr.graphs:
+                _strip_machine_metadata(sub)
+
+
 def _save(program: Any, path: Path) -> None:
     # one self-contained file: the dynamo default writes the weights to a separate .data file
     program.save(str(path), external_data=False)
+    model = onnx.load(str(path), load_external_data=False)
+    _strip_machine_metadata(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            keep = [p for p in node.metadata_props if p.key not in _MACHINE_METADATA]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    onnx.save(model, str(path))
 
 
 def export_text_encoder(path: Path, encoder: nn.Module | None = None) -> None:
