@@ -144,6 +144,17 @@ def test_every_graph_passes_the_onnx_checker(exported: tuple[Manifest, dict]) ->
         assert opset == manifest.files[key].opset
 
 
+def test_graphs_name_no_file_of_the_exporting_machine(exported: tuple[Manifest, dict]) -> None:
+    # the exporter's stack traces named source paths, so the same export differed from one checkout to another
+    manifest, _ = exported
+    root = str(Path(__file__).resolve().parents[2]).encode()
+    for key in ONNX_KEYS:
+        path = manifest.path_of(key)
+        assert root not in path.read_bytes(), key
+        model = onnx.load(str(path), load_external_data=False)
+        assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)
+
+
 def test_graphs_have_named_dynamic_batch_and_sequence_dims(exported: tuple[Manifest, dict]) -> None:
     manifest, _ = exported
     text = manifest.text_encoder("int8")
