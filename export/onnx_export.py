@@ -134,28 +134,22 @@ class ExportOptions:
 _MACHINE_METADATA: Final = ("pkg.torch.onnx.stack_trace",)
 
 
-def _strip_machine_metadata(graph: onnx.GraphProto) -> None:
-    for node in graph.node:
-        keep = [p for p in node.metadata_props if p.key not in _MACHINE_METADATA]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-        for attr in node.attribute:
-            if attr.g is not None and attr.HasField("g"):
-                _strip_machine_metadata(attr.g)
-            for sub in attr.graphs:
-                _strip_machine_metadata(sub)
+def _strip_node(node: onnx.NodeProto) -> None:
+    keep = [p for p in node.metadata_props if p.key not in _MACHINE_METADATA]
+    del node.metadata_props[:]
+    node.metadata_props.extend(keep)
+    for attr in node.attribute:
+        for sub in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
+            for inner in sub.node:
+                _strip_node(inner)
 
 
 def _save(program: Any, path: Path) -> None:
     # one self-contained file: the dynamo default writes the weights to a separate .data file
     program.save(str(path), external_data=False)
     model = onnx.load(str(path), load_external_data=False)
-    _strip_machine_metadata(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            keep = [p for p in node.metadata_props if p.key not in _MACHINE_METADATA]
-            del node.metadata_props[:]
-            node.metadata_props.extend(keep)
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        _strip_node(node)
     onnx.save(model, str(path))
 
 

@@ -52,32 +52,21 @@ def comparison_markdown(noise: dict[str, Any], real: dict[str, Any], seed: int |
     text = _fault_conditions("text")
     seeds = f"seed {seed}" if seed is not None else f"mean ± std over seeds {noise.get('seeds')}"
     lines: list[str] = [f"Test n = {noise.get('n_test')}, {seeds}. Values in percent.", ""]
-    for metric, title in (("weighted_f1", "weighted F1"), ("macro_f1", "macro F1")):
-        columns = [("clean", "clean"), ("fixed_D_text", "text dropped"), *[(c, f"C text {k}") for c, k in text],
-                   ("random_C+D_0.6", "random C+D 0.6")]
-        lines += [f"**{title}**", "", "| head | training | " + " | ".join(label for _, label in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]
+    def table(title: str, columns: list[tuple[str, str]], metric: str) -> None:
+        lines.extend([f"**{title}**", "", "| head | training | " + " | ".join(label for _, label in columns) + " |",
+                      "|---|---|" + "---|" * len(columns)])
         for method, mode, res in runs:
             cells = [_value(res, method, seed, c, metric) for c, _ in columns]
             lines.append(f"| {method} | {mode} | " + " | ".join(cells) + " |")
         lines.append("")
-    columns = [("clean", "clean"), ("fixed_D_text", "text dropped"), *[(c, f"C text {k}") for c, k in text]]
-    lines += ["**share of the majority predicted class**", "",
-              "| head | training | " + " | ".join(label for _, label in columns) + " |",
-              "|---|---|" + "---|" * len(columns)]
-    for method, mode, res in runs:
-        cells = [_value(res, method, seed, c, "majority_share") for c, _ in columns]
-        lines.append(f"| {method} | {mode} | " + " | ".join(cells) + " |")
-    lines.append("")
+
+    text_columns = [("clean", "clean"), ("fixed_D_text", "text dropped"), *[(c, f"C text {k}") for c, k in text]]
+    for metric, title in (("weighted_f1", "weighted F1"), ("macro_f1", "macro F1")):
+        table(title, [*text_columns, ("random_C+D_0.6", "random C+D 0.6")], metric)
+    table("share of the majority predicted class", text_columns, "majority_share")
     for modality in ("transcript", "image"):
         columns = [(f"fixed_D_{modality}", "dropped"), *[(c, k) for c, k in _fault_conditions(modality)]]
-        lines += [f"**{modality} faults, macro F1**", "",
-                  "| head | training | " + " | ".join(label for _, label in columns) + " |",
-                  "|---|---|" + "---|" * len(columns)]
-        for method, mode, res in runs:
-            cells = [_value(res, method, seed, c, "macro_f1") for c, _ in columns]
-            lines.append(f"| {method} | {mode} | " + " | ".join(cells) + " |")
-        lines.append("")
+        table(f"{modality} faults, macro F1", columns, "macro_f1")
     missing = sorted({corrupt_variant(m, k) for m in CORRUPT_KINDS for k in CORRUPT_KINDS[m]
                       if (f"fixed_C_{m}" if k == "mask" else f"fixed_C_{m}_{k}") in noise.get("skipped", [])})
     if missing:

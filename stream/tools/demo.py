@@ -82,8 +82,13 @@ def stream_fingerprint(recording: Path, faults: Faults, max_posts: int | None) -
 def gate(report: dict[str, Any], baseline_path: Path, fingerprint: str, tolerance: float = GATE_TOLERANCE,
          min_posts: int = GATE_MIN_POSTS) -> list[str] | None:
     """Regression failures against the baseline ([] = passed); ``None`` when it holds for another stream."""
-    baseline = json.loads(baseline_path.read_text())
-    if baseline.get("meta", {}).get("stream") != fingerprint:
+    try:
+        baseline = json.loads(baseline_path.read_text())
+        held = baseline["meta"]["stream"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"[demo] {baseline_path} is not a robustness baseline ({exc!r}); "
+                         "write one with `sentiment-stream demo --write-baseline PATH`") from None
+    if held != fingerprint:
         return None
     return regression_gate(report, baseline, tolerance, min_posts=min_posts)
 

@@ -78,16 +78,20 @@ def test_only_complete_confident_posts_are_enqueued(scorer: PostScorer, benchmar
     assert strict.score(_records(posts), None).enqueue == {}
 
 
-def test_by_default_the_training_moments_score_whatever_the_live_queue_holds(
-    scorer: PostScorer, benchmark_posts: list[Post]
-) -> None:
-    d = scorer.queue_dim
-    stats = QueueStats(
-        "queue_stale",
+def _flat_stats(d: int, status: str) -> QueueStats:
+    """Queue statistics unlike the training queue's: mean 0.5, variance 2 in every dimension."""
+    return QueueStats(
+        status,
         count=dict.fromkeys(MODALITIES, 50),
         mean={m: np.full(d, 0.5, np.float32) for m in MODALITIES},
         var={m: np.full(d, 2.0, np.float32) for m in MODALITIES},
     )
+
+
+def test_by_default_the_training_moments_score_whatever_the_live_queue_holds(
+    scorer: PostScorer, benchmark_posts: list[Post]
+) -> None:
+    stats = _flat_stats(scorer.queue_dim, "queue_stale")
     mean, var = scorer.moments(stats)
     np.testing.assert_array_equal(mean, scorer.manifest.queue_moments()[0])
     np.testing.assert_array_equal(var, scorer.manifest.queue_moments()[1])
@@ -101,13 +105,7 @@ def test_live_moments_replace_the_training_queue_and_degraded_ones_are_flagged(
     scorer: PostScorer, benchmark_posts: list[Post]
 ) -> None:
     scorer = PostScorer(scorer.manifest, scorer.settings.model_copy(update={"queue_moments": "live"}))
-    d = scorer.queue_dim
-    stats = QueueStats(
-        "ok",
-        count=dict.fromkeys(MODALITIES, 50),
-        mean={m: np.full(d, 0.5, np.float32) for m in MODALITIES},
-        var={m: np.full(d, 2.0, np.float32) for m in MODALITIES},
-    )
+    stats = _flat_stats(scorer.queue_dim, "ok")
     mean, var = scorer.moments(stats)
     assert np.all(mean == 0.5) and np.all(var == 2.0)
     fallback_mean, _ = scorer.moments(None)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from stream.tools.report import baseline_record, regression_gate
 
@@ -63,3 +66,16 @@ def test_a_trimmed_baseline_gates_like_the_report_and_survives_strict_json() -> 
     worse = copy.deepcopy(base)
     worse["metrics"]["served"]["fault"]["clean"]["macro_f1"] = None  # an emptied group read back from JSON
     assert any(f.startswith("fault clean") for f in regression_gate(worse, loaded))
+
+
+def test_the_demo_gate_skips_another_stream_and_refuses_a_file_that_is_not_a_baseline(tmp_path: Path) -> None:
+    from stream.tools import demo
+
+    base = _report(0.80, 0.60)
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(baseline_record(base, stream="abc")))
+    assert demo.gate(base, path, "abc") == []
+    assert demo.gate(base, path, "another stream") is None
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="--write-baseline"):
+        demo.gate(base, path, "abc")
