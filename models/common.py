@@ -69,12 +69,18 @@ class TrainBatch:
     ``view`` and ``view_b`` are two independently disrupted views of the same samples (``view_b`` is
     used only by self-distillation). ``clean`` holds the undisrupted features with ``available``, the
     modalities that really exist in the data (not discarded, not corrupted by the trainer).
+
+    ``quality_target`` / ``quality_target_b`` (optional, ``[B,M]``): per cell of ``view`` / ``view_b``
+    1 for a present, untouched modality, 0 for one the trainer replaced by a real content fault of a kind
+    the learned quality is fitted on, NaN where there is no target (missing, feature noise, held-out kind).
     """
 
     view: View
     view_b: View
     clean: View
     label: Tensor  # int64 [B]
+    quality_target: Tensor | None = None
+    quality_target_b: Tensor | None = None
 
 
 @dataclass

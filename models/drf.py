@@ -6,7 +6,11 @@ The paper's full text was unreachable: the design below is inferred from its sum
    approximates the modality's feature distribution by its diagonal moments (mean, variance).
 2. **Quality.** A present modality's distance to its queue is a diagonal Mahalanobis distance normalised
    by the dimension, ``D_m = mean_j (h_mj - mu_mj)^2 / var_mj`` (about 1 for a typical feature), and
-   its quality is ``q_m = exp(-max(D_m - 1, 0) / tau)`` in (0, 1].
+   its quality is ``q_m = exp(-max(D_m - 1, 0) / tau)`` in (0, 1] (``quality="distance"``, the
+   paper's reading). ``quality="learned"`` (this project's extension, docs/robustness/quality.md): ``q_m``
+   is a logistic detector ``sigmoid(a_m + w_m . f_m)`` on queue-relative statistics ``f_m`` of ``h_m``
+   (the z-scores, their squares and 15 summary statistics), trained with the known content corruption
+   of the training views as its target; the fusion reads ``log q_m`` as before.
 3. **Quality-aware fusion.** Fusion weights ``w = softmax_m(log q_m + b_m)`` over the available
    modalities (``b_m`` a learned modality prior); the classifier reads ``concat_m(M * w_m * h_m)``.
 4. **Recovery.** Inter-modal mapping networks ``g_{s->t}``; a missing modality ``t`` is the mean of
@@ -52,7 +56,55 @@ __all__ = [
     "drf_losses",
     "enqueue_clean",
     "quality_fusion",
+    "queue_statistics",
 ]
+
+QUALITY_MODES = ("distance", "learned")
+N_QUEUE_STATS = 15
+Z_CLIP = 8.0
+
+
+def queue_statistics(h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """Inputs of the learned quality: ``h [B,M,d]`` against queue ``mean/var [M,d]`` -> ``[B,M,15+2d]``.
+
+    The 15 summary statistics of ``models/experiments/quality_auroc.py`` (distance, its log and two-sided
+    log, mean/max |z|, tail shares, fourth moment, mean/std of z, norms and angles to the queue mean),
+    then the clipped z-scores and their squares; all squashed by ``sign(x) log(1 + |x|)`` so a far-off
+    input cannot blow the detector up. Element-wise ops and reductions only (plain ONNX).
+    """
+    tiny = 1e-12
+    z = (h - mean) / torch.sqrt(var + 1e-6)
+    z2 = z * z
+    dist = z2.mean(-1)
+    abs_z = z.abs()
+    norm_h = torch.sqrt((h * h).sum(-1) + tiny)
+    norm_mu = torch.sqrt((mean * mean).sum(-1) + tiny)  # [M]
+    dev = h - mean
+    norm_dev = torch.sqrt((dev * dev).sum(-1) + tiny)
+    log_d = torch.log(dist + tiny)
+    stats = torch.stack(
+        [
+            dist,
+            log_d,
+            log_d.abs(),
+            abs_z.mean(-1),
+            abs_z.amax(-1),
+            (abs_z > 2.0).float().mean(-1),
+            (abs_z < 0.5).float().mean(-1),
+            (z2 * z2).mean(-1),
+            z.mean(-1),
+            z.std(-1, unbiased=False),
+            torch.log(norm_h),
+            torch.log(norm_h / norm_mu),
+            (h * mean).sum(-1) / (norm_h * norm_mu),
+            (dev * mean).sum(-1) / (norm_dev * norm_mu),
+            torch.log(norm_dev / torch.sqrt(var.sum(-1))),
+        ],
+        dim=-1,
+    )
+    zc = z.clamp(-Z_CLIP, Z_CLIP)
+    x = torch.cat([stats, zc, zc * zc], dim=-1)
+    return torch.sign(x) * torch.log1p(x.abs())
 
 
 @dataclass
@@ -64,7 +116,9 @@ class DRFConfig:
     dropout: float = 0.1
     queue_len: int = 1024
     use_quality: bool = True  # off: fusion weights ignore quality (it is still measured and reported)
+    quality: str = "distance"  # "distance" (the paper's, exp(-max(D-1,0)/tau)) | "learned" (a fault detector)
     quality_tau: float = 1.0
+    quality_loss_weight: float = 1.0  # the learned detector's balanced BCE (it touches nothing else)
     use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
     use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
     use_sample_loss: bool = True
@@ -129,23 +183,56 @@ class FeatureQueue(nn.Module):
 class QualityEstimator(nn.Module):
     """Quality of each modality from its distance to the queue, and the quality-normalised weights."""
 
-    def __init__(self, cfg: DRFConfig, n_modalities: int = N_MODALITIES) -> None:
+    def __init__(self, cfg: DRFConfig, n_modalities: int = N_MODALITIES, d: int | None = None) -> None:
         super().__init__()
+        d = cfg.d if d is None else d
+        if cfg.quality not in QUALITY_MODES:
+            raise ValueError(f"quality must be one of {QUALITY_MODES}, got {cfg.quality!r}")
         self.use_quality = cfg.use_quality
         self.use_prior = cfg.use_modality_prior
+        self.mode = cfg.quality
         self.tau = cfg.quality_tau
+        self.loss_weight = cfg.quality_loss_weight
         self.prior = nn.Parameter(torch.zeros(n_modalities))
+        if self.mode == "learned":
+            n_in = n_modalities * (N_QUEUE_STATS + 2 * d)
+            self.norm = nn.BatchNorm1d(n_in, affine=False)
+            self.weight = nn.Parameter(torch.zeros(n_modalities, N_QUEUE_STATS + 2 * d))
+            self.bias = nn.Parameter(torch.full((n_modalities,), 2.0))  # starts out trusting every input
+
+    def detector_logit(self, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """The learned detector's logit ``[B,M]`` that each row of ``h`` is clean (``quality="learned"``)."""
+        x = queue_statistics(h.detach(), mean, var)
+        b, m, f = x.shape
+        x = self.norm(x.reshape(b, m * f)).reshape(b, m, f)
+        return (x * self.weight).sum(-1) + self.bias
 
     def forward(self, h: Tensor, available: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """``h [B,M,d]``, ``available [B,M]``, queue ``mean/var [M,d]`` -> (quality, weights) ``[B,M]``."""
-        # Quality is a measurement: the projector must not learn to make bad inputs look typical.
-        distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
-        log_quality = -F.relu(distance - 1.0) / self.tau
+        # Quality is a measurement: the projector must not learn to make bad inputs look typical, and the
+        # learned detector is trained by its own target only (the fusion reads it detached).
+        if self.mode == "learned":
+            log_quality = F.logsigmoid(self.detector_logit(h, mean, var)).detach()
+        else:
+            distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
+            log_quality = -F.relu(distance - 1.0) / self.tau
         prior = self.prior if self.use_prior else torch.zeros_like(self.prior)
         # switched off, quality is still measured and reported, but the fusion ignores it
         used = log_quality if self.use_quality else torch.zeros_like(log_quality)
         weights = masked_softmax(used + prior, available)
         return torch.exp(log_quality), weights
+
+    def loss(self, h: Tensor, mean: Tensor, var: Tensor, target: Tensor | None) -> dict[str, Tensor]:
+        """The learned detector's class-balanced BCE against ``target [B,M]`` (NaN: no target); {} otherwise."""
+        if self.mode != "learned" or target is None:
+            return {}
+        logit = self.detector_logit(h, mean, var)
+        known = ~torch.isnan(target)
+        bce = F.binary_cross_entropy_with_logits(logit, torch.nan_to_num(target, 0.0), reduction="none")
+        parts = [bce[known & (target == cls)].mean() for cls in (1.0, 0.0) if bool((known & (target == cls)).any())]
+        if not parts:
+            return {}
+        return {"quality": self.loss_weight * torch.stack(parts).mean()}
 
 
 class InterModalMapping(nn.Module):
@@ -263,8 +350,9 @@ class DRF(nn.Module):
     def compute_loss(self, batch: TrainBatch) -> LossOutput:
         """CE on the disrupted view + sample/distribution recovery losses; then enqueue clean features."""
         queue_mean, queue_var = self.queue.moments()
-        logits = self.fuse(batch.view, queue_mean, queue_var)[0]
+        logits, _, h = self.fuse(batch.view, queue_mean, queue_var)
         terms = {"ce": F.cross_entropy(logits, batch.label)}
+        terms |= self.quality.loss(h, queue_mean, queue_var, batch.quality_target)
         h_clean = project_all(self.projectors, batch.clean)
         terms |= drf_losses(self.mapping, h_clean, batch.clean.present, self.queue, self.cfg)
         if self.training:

@@ -34,7 +34,8 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-from torch import nn
+from scipy.stats import rankdata
+from torch import Tensor, nn
 
 from models.common import LABELS, MODALITIES, View
 from models.disruptions import (
@@ -46,6 +47,8 @@ from models.disruptions import (
     plan_condition,
     protocol_grid,
 )
+from models.drf import DRF
+from models.head import ServingHead
 from models.train import (
     DRF_PARTS,
     FSRF_PARTS,
@@ -80,6 +83,7 @@ class Method:
     recovery: str | None = None
     ablate: tuple[str, ...] = ()
     weights_of: str | None = None  # evaluate another method's trained runs (e.g. a swapped recovery path)
+    overrides: tuple[str, ...] = ()  # config fields set as by `train --set KEY=VALUE`
 
     @property
     def runs_tag(self) -> str:
@@ -96,6 +100,9 @@ MAIN_METHODS: Final = (
     Method("serving_drf", "serving", "drf"),
     # the serving head trained on the FSRF path, exported with the DRF path (recovery is fixed per export)
     Method("serving_fsrf_as_drf", "serving", "drf", weights_of="serving_fsrf"),
+    # the learned quality (a content-fault detector on queue-relative statistics) instead of the distance
+    Method("serving_fsrf-learned_quality", "serving", "fsrf", overrides=("drf.quality=learned",)),
+    Method("drf-learned_quality", "drf", overrides=("quality=learned",)),
 )
 ABLATION_METHODS: Final = (
     *(Method(f"drf-no_{p}", "drf", ablate=(p,)) for p in DRF_PARTS),
@@ -199,6 +206,55 @@ def evaluate_run(model: nn.Module, data: EvalData, seed: int) -> dict[str, dict[
     return out
 
 
+# -- quality ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quality_of(model: nn.Module, view: View) -> Tensor | None:
+    """The DRF quality ``[B,M]`` a head reports for ``view`` with its own queue; None for a head without one."""
+    model.eval()
+    if isinstance(model, ServingHead):
+        mean, var = model.queue.moments()
+        return model.run(view, mean, var).quality
+    if isinstance(model, DRF):
+        mean, var = model.queue.moments()
+        return model.fuse(view, mean, var)[1]
+    return None
+
+
+def auroc(clean: np.ndarray, corrupted: np.ndarray) -> float:
+    """P(a clean score > a corrupted score), ties counted half."""
+    ranks = rankdata(np.concatenate([clean, corrupted]))
+    u = ranks[: clean.size].sum() - clean.size * (clean.size + 1) / 2.0
+    return float(u / (clean.size * corrupted.size))
+
+
+def quality_auroc(model: nn.Module, data: EvalData) -> dict[str, float]:
+    """Per ``modality:kind``, the AUROC of the head's quality for clean vs content-corrupted test inputs.
+
+    Every test post that has the modality, its clean feature against its cached corrupted one (the other
+    modalities as they are: a modality's quality depends on its own input and the queue only). 1.0: the
+    quality always rates the clean input higher; 0.5: it cannot tell; below 0.5: it prefers the damage.
+    """
+    clean = data.clean
+    base = quality_of(model, _view(clean.features, clean.available))
+    if base is None:
+        return {}
+    out: dict[str, float] = {}
+    for m, modality in enumerate(MODALITIES):
+        has = clean.available[:, m] > 0
+        for kind in CORRUPT_KINDS[modality]:
+            source = data.corrupt.get(modality) if kind == "mask" else data.faults.get(corrupt_variant(modality, kind))
+            if source is None or not has.any():
+                continue
+            features = list(clean.features)
+            features[m] = source
+            broken = quality_of(model, _view(features, clean.available))
+            assert broken is not None
+            out[f"{modality}:{kind}"] = auroc(base[has, m].numpy(), broken[has, m].numpy())
+    return out
+
+
 # -- runs --------------------------------------------------------------------------------------
 
 
@@ -222,7 +278,7 @@ def train_run(
 
     ``train`` / ``val`` carry their real corrupted variants already (``models.train.load_corrupted``).
     """
-    config = make_config(method.model, method.ablate, (), method.recovery)
+    config = make_config(method.model, method.ablate, method.overrides, method.recovery)
     disruption = disruption or TrainDisruption()
     result = train_model(
         method.model, config, train, val, seed=seed, epochs=epochs, patience=patience, disruption=disruption
@@ -234,7 +290,7 @@ def train_run(
         "splits": {"train": train_split, "val": val_split},
         "data_dir": str(data_dir),
         "ablate": list(method.ablate),
-        "overrides": [],
+        "overrides": list(method.overrides),
         "tag": method.tag,
         "train": {
             "epochs": epochs,
@@ -303,6 +359,22 @@ def markdown_report(results: dict[str, Any]) -> str:
             for c in rows:
                 lines.append(f"| {c} | " + " | ".join(_cell(agg, m, c, metric) for m in methods) + " |")
             lines.append("")
+    qualities = results.get("quality_auroc") or {}
+    if qualities:
+        def order(cell: str) -> tuple[int, int]:
+            modality, kind = cell.split(":")
+            return MODALITIES.index(modality), CORRUPT_KINDS[modality].index(kind)
+
+        cells = sorted({c for per_seed in qualities.values() for q in per_seed.values() for c in q}, key=order)
+        lines += ["## Quality AUROC: clean vs content-corrupted test input (mean ± std over seeds)", "",
+                  "| method | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+        for tag, per_seed in qualities.items():
+            row = []
+            for c in cells:
+                values = [q[c] for q in per_seed.values() if c in q]
+                row.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—")
+            lines.append(f"| {tag} | " + " | ".join(row) + " |")
+        lines.append("")
     if results.get("train_seconds"):
         lines += ["## Training time (seconds, this CPU, 1 thread)", "", "| method | mean | std | epochs |"]
         lines.append("|---|---|---|---|")
@@ -469,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
     data = EvalData.load(data_dir, test_split)
     skipped = [c.name for c in protocol_grid() if condition_view(data, c, 0) is None]
     per_method: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
+    qualities: dict[str, dict[int, dict[str, float]]] = {}
     seconds: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
     for method in methods:
@@ -483,6 +556,9 @@ def run(args: argparse.Namespace) -> int:
             if method.recovery is not None:
                 model.set_recovery(method.recovery)  # type: ignore[operator]
             per_seed[seed] = evaluate_run(model, data, seed)
+            quality = quality_auroc(model, data)
+            if quality:
+                qualities.setdefault(method.tag, {})[seed] = quality
             metrics = json.loads((path / "metrics.json").read_text())
             times.append(metrics["train_seconds"])
             epochs.append(metrics["epochs_run"])
@@ -502,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped": skipped,
         "per_seed": per_method,
         "aggregate": {tag: _aggregate(res) for tag, res in per_method.items()},
+        "quality_auroc": qualities,
         "train_seconds": seconds,
         "eval_seconds": round(time.perf_counter() - started, 1),
     }

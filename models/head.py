@@ -91,7 +91,7 @@ class ServingHead(nn.Module):
         self.recovery = cfg.recovery
         self.projectors = modality_projectors(cfg.d, cfg.dropout)
         self.queue = FeatureQueue(N_MODALITIES, cfg.queue_len, cfg.d)
-        self.quality = QualityEstimator(cfg.drf)
+        self.quality = QualityEstimator(cfg.drf, d=cfg.d)
         self.mapping = InterModalMapping(cfg.d, cfg.hidden)
         self.dhf = DHF(cfg.d, cfg.hidden)
         self.classifier = Classifier(N_MODALITIES * cfg.d, cfg.hidden, cfg.dropout)
@@ -145,6 +145,9 @@ class ServingHead(nn.Module):
         fused_a, fused_b = out.fused.chunk(2)
         terms = {"ce": F.cross_entropy(out.logits, batch.label.repeat(2))}
         terms |= das_losses(logits_a, logits_b, fused_a, fused_b, self.cfg.fsrf)
+        if batch.quality_target is not None and batch.quality_target_b is not None:
+            target = torch.cat([batch.quality_target, batch.quality_target_b])
+            terms |= self.quality.loss(out.projected, queue_mean, queue_var, target)
         h_clean = project_all(self.projectors, batch.clean)
         available = batch.clean.present
         drf_cfg = dataclasses.replace(self.cfg.drf, use_recovery=self.cfg.use_recovery)

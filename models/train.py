@@ -274,6 +274,24 @@ def disrupt(
     drawn uniformly per sample; other modalities get feature noise. The noise draws happen either way,
     so ``noise`` mode reproduces the views of a run without real variants exactly.
     """
+    return disrupt_with_target(features, available, cfg, stats, gen, corrupted)[0]
+
+
+def disrupt_with_target(
+    features: Sequence[Tensor],
+    available: Tensor,
+    cfg: TrainDisruption,
+    stats: FeatureStats,
+    gen: torch.Generator,
+    corrupted: Sequence[Tensor | None] | None = None,
+    target_kinds: Sequence[Tensor | None] | None = None,
+) -> tuple[View, Tensor]:
+    """:func:`disrupt` (the same draws, the same view) and the learned quality's target ``[B,M]``.
+
+    The target is 1 for a present, untouched cell, 0 for a cell replaced by a real content fault whose
+    kind ``target_kinds[m][k]`` marks as fitted on, NaN otherwise (missing, feature noise, held-out kind:
+    the papers' ``[MASK]`` kinds are held out, so the detector never learns the marker).
+    """
     b = available.shape[0]
 
     def pick(mask: Tensor) -> Tensor:
@@ -289,6 +307,7 @@ def disrupt(
     nothing_left = (present.sum(-1, keepdim=True) == 0).float()
     present = present + nothing_left * first  # that modality is corrupted instead of discarded
     corrupt = disrupted * present
+    target = torch.where((present > 0) & (corrupt == 0), 1.0, float("nan"))
     out = []
     for i, x in enumerate(features):
         a = torch.empty(b, 1).uniform_(cfg.noise_low, cfg.noise_high, generator=gen)
@@ -300,13 +319,28 @@ def disrupt(
                 raise ValueError(f"corrupted rows {tuple(bank.shape)} do not match the batch {tuple(x.shape)}")
             kind = torch.randint(bank.shape[0], (b,), generator=gen)
             real = bank[kind, torch.arange(b)]
+            fitted = torch.ones(b, dtype=torch.bool)
+            if target_kinds is not None and target_kinds[i] is not None:
+                fitted = target_kinds[i][kind]  # type: ignore[index]
             if cfg.p_noise > 0:
                 use_noise = (torch.rand(b, 1, generator=gen) < cfg.p_noise).float()
                 real = use_noise * noisy + (1 - use_noise) * real
+                fitted = fitted & (use_noise[:, 0] == 0)
             noisy = real
+            target[:, i] = torch.where((corrupt[:, i] > 0) & fitted, 0.0, target[:, i])
         c = corrupt[:, i : i + 1]
         out.append((c * noisy + (1 - c) * x) * present[:, i : i + 1])
-    return View(out[0], out[1], out[2], present)
+    return View(out[0], out[1], out[2], present), target
+
+
+def quality_target_kinds(table: FeatureTable) -> list[Tensor | None]:
+    """Per modality, which cached corrupted variants the learned quality is fitted on: every realistic
+    kind, never the papers' masking (``corrupt_<m>``), whose literal ``[MASK]`` no real post carries."""
+    out: list[Tensor | None] = []
+    for m in MODALITIES:
+        names = table.corrupted_variants.get(m)
+        out.append(None if not names else torch.tensor([n != f"corrupt_{m}" for n in names]))
+    return out
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -435,6 +469,7 @@ def train_model(
     gen = torch.Generator().manual_seed(seed)
     data = table_view(train)
     label = torch.from_numpy(train.label)
+    kinds = quality_target_kinds(train)
     val_views = _val_views(val, disruption, stats)
     best_score, best_state, best_epoch, bad = -1.0, None, 0, 0
     history: list[dict[str, float]] = []
@@ -452,11 +487,15 @@ def train_model(
             feats = [x[idx] for x in data.features]
             available = data.present[idx]
             bank = train.corrupted_bank(idx.numpy()) if train.corrupted else None
+            view, target = disrupt_with_target(feats, available, disruption, stats, gen, bank, kinds)
+            view_b, target_b = disrupt_with_target(feats, available, disruption, stats, gen, bank, kinds)
             batch = TrainBatch(
-                view=disrupt(feats, available, disruption, stats, gen, bank),
-                view_b=disrupt(feats, available, disruption, stats, gen, bank),
+                view=view,
+                view_b=view_b,
                 clean=View(feats[0], feats[1], feats[2], available),
                 label=label[idx],
+                quality_target=target,
+                quality_target_b=target_b,
             )
             out = model.compute_loss(batch)  # type: ignore[operator]
             optimizer.zero_grad(set_to_none=True)

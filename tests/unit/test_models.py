@@ -29,6 +29,8 @@ from models.train import (
     build_model,
     default_config,
     disrupt,
+    disrupt_with_target,
+    quality_target_kinds,
     synthetic_table,
     train_model,
 )
@@ -253,11 +255,17 @@ def test_quality_input_changes_the_fusion_weights() -> None:
     assert not torch.allclose(probs_a, probs_b)
 
 
-@pytest.mark.parametrize("recovery", ["fsrf", "drf"])
-def test_serving_head_exports_to_onnx_with_a_dynamic_batch(recovery: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("recovery", "quality"), [("fsrf", "distance"), ("drf", "distance"), ("fsrf", "learned")])
+def test_serving_head_exports_to_onnx_with_a_dynamic_batch(recovery: str, quality: str, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    head = ServingHead(ServingHeadConfig(recovery=recovery)).eval()
+    head = ServingHead(ServingHeadConfig(recovery=recovery, drf=DRFConfig(quality=quality)))
+    if quality == "learned":  # a detector with non-trivial weights and running statistics
+        head.train()
+        with torch.no_grad():
+            head.quality.weight.normal_(0.0, 0.3)
+            head(*_serving_inputs(head, 64))
+    head.eval()
     names = ["text", "image", "transcript", "present", "queue_mean", "queue_var"]
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {n: ({0: batch} if i < 4 else None) for i, n in enumerate(names)}
@@ -409,3 +417,64 @@ def test_training_with_real_corruption_records_its_sources() -> None:
     # the validation "disrupted" score sees the cached rows, so it differs from the noise-disrupted one
     assert result.metrics["val_disrupted"] != noise.metrics["val_disrupted"] or \
         result.metrics["val_clean"] != noise.metrics["val_clean"]
+
+
+# -- the learned quality -------------------------------------------------------------------------
+
+
+def _table_with_realistic_bank(n: int = 600) -> Any:
+    """Text with two cached faults: the papers' masking (held out of the quality target) and a realistic kind."""
+    table, _ = _table_with_bank(n)
+    return dataclasses.replace(table, corrupted_variants={"text": ["corrupt_text", "corrupt_text_delete"]})
+
+
+def test_disrupt_with_target_marks_clean_and_realistically_corrupted_cells() -> None:
+    table = _table_with_realistic_bank()
+    feats = tuple(torch.from_numpy(x) for x in table.features)
+    available = torch.from_numpy(table.available)
+    stats = FeatureStats.of(table)
+    cfg = TrainDisruption(ratio=1.0, p_discard=0.3, p_second=0.5)
+    kinds = quality_target_kinds(table)
+    assert kinds[1] is None and kinds[2] is None and kinds[0] is not None
+    assert kinds[0].tolist() == [False, True]
+    view, target = disrupt_with_target(feats, available, cfg, stats, torch.Generator().manual_seed(0),
+                                       table.corrupted_bank(), kinds)
+    same = disrupt(feats, available, cfg, stats, torch.Generator().manual_seed(0), table.corrupted_bank())
+    for x, y in zip(view.features, same.features, strict=True):
+        assert torch.equal(x, y)  # the same draws, the same view
+    same_rows = [(v == f).all(-1) for v, f in zip(view.features, feats, strict=True)]
+    untouched = torch.stack(same_rows, 1) & (view.present > 0)
+    assert torch.all(target[untouched] == 1.0)
+    assert torch.all(torch.isnan(target[view.present == 0]))  # missing: no target
+    masked = (view.text == 7.0).all(-1)  # the papers' [MASK] kind: held out
+    deleted = (view.text == -7.0).all(-1)
+    assert masked.any() and deleted.any()
+    assert torch.all(torch.isnan(target[masked, 0])) and torch.all(target[deleted, 0] == 0.0)
+    noised = (view.present[:, 1] > 0) & ~(view.image == feats[1]).all(-1)  # feature noise: no target
+    assert noised.any() and torch.all(torch.isnan(target[noised, 1]))
+
+
+def test_learned_quality_ranks_corrupted_inputs_below_clean_ones() -> None:
+    train = _table_with_realistic_bank(800)
+    cfg = ServingHeadConfig(drf=DRFConfig(quality="learned"))
+    result = train_model("serving", cfg, train, train.rows(np.arange(300)), epochs=3, patience=3, progress=False)
+    head = result.model.eval()
+    assert "loss_quality" in result.metrics["history"][0]
+    text, image, transcript = (torch.from_numpy(x[:300]) for x in train.features)
+    present = torch.ones(300, 3)
+    mean, var = head.queue.moments()
+    with torch.no_grad():
+        clean = head(text, image, transcript, present, mean, var)[1][:, 0]
+        broken = head(torch.full_like(text, -7.0), image, transcript, present, mean, var)[1][:, 0]
+    assert float((clean[:, None] > broken[None, :]).float().mean()) > 0.95  # AUROC of the fitted kind
+
+
+def test_a_config_written_before_the_learned_quality_loads_as_distance(tmp_path: Path) -> None:
+    head = ServingHead()
+    cfg = dataclasses.asdict(head.cfg)
+    del cfg["drf"]["quality"], cfg["drf"]["quality_loss_weight"]
+    (tmp_path / "config.json").write_text(json.dumps({"model": "serving", "config": cfg}))
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    assert load_serving_head(tmp_path).quality.mode == "distance"
+    with pytest.raises(ValueError, match="quality must be one of"):
+        QualityEstimator(DRFConfig(quality="knn"))

@@ -10,7 +10,7 @@ import torch
 
 from models.common import MODALITIES
 from models.disruptions import Condition, protocol_grid
-from models.evaluate import EvalData, condition_view, evaluate_run, markdown_report, plot_results
+from models.evaluate import EvalData, condition_view, evaluate_run, markdown_report, plot_results, quality_auroc
 from models.train import synthetic_table, train_model
 
 torch.set_num_threads(1)
@@ -130,3 +130,22 @@ def test_fault_training_comparison_puts_both_trainings_side_by_side() -> None:
     assert "| late_zero | noise | 40.0 | — | — | — | — | 90.0 |" in share_table
     assert "| late_zero | real | 40.0 | — | — | — | — | 50.0 |" in share_table
     assert "corrupt_image_crop" in md
+
+
+def test_quality_auroc_per_fault_kind_for_heads_with_a_quality() -> None:
+    data = _data()
+    data.faults["corrupt_text_typos"] = data.clean.features[0] * 0.0 - 3.0
+    data.faults["corrupt_text_delete"] = data.clean.features[0].copy()  # a "fault" that changes nothing
+    train, val = synthetic_table(800, seed=1), synthetic_table(200, seed=2)
+    drf = train_model("drf", None, train, val, epochs=1, progress=False).model
+    out = quality_auroc(drf, data)
+    assert set(out) == {"text:mask", "text:delete", "text:typos", "image:mask", "transcript:mask"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert out["text:delete"] == 0.5  # identical inputs: the quality cannot tell them apart
+    assert out["text:typos"] != 0.5
+    late = train_model("late_zero", None, train, val, epochs=1, progress=False).model
+    assert quality_auroc(late, data) == {}  # no quality, no row
+    results = {"split": "random", "test_split": "test", "seeds": [0], "aggregate": {}, "skipped": [],
+               "quality_auroc": {"drf": {0: out}}}
+    text = markdown_report(results)
+    assert "## Quality AUROC" in text and "| drf |" in text and "text:typos" in text
