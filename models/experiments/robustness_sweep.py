@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -267,16 +267,24 @@ def _f1s(true: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 def paired_bootstrap(
     result: ReplayResult,
-    baselines: dict[str, list[Prediction]],
+    baselines: Mapping[str, list[Prediction]],
     pairs: Sequence[tuple[str, str]],
     n_boot: int,
     seed: int,
+    only: Collection[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Differences a − b in weighted and macro F1 on the same posts, with 95 % paired-bootstrap intervals."""
+    """Differences a − b in weighted and macro F1 on the same posts, with 95 % paired-bootstrap intervals.
+
+    ``only``: original ids to restrict the comparison to (e.g. the posts whose text was corrupted); all if None.
+    """
     preds = {"served": served_predictions(result)} | {
         k: normalize_predictions(v, result.run_id) for k, v in baselines.items()
     }
-    posts = [p for p in result.posts if p.expected == EVENT and p.label is not None]
+    posts = [
+        p
+        for p in result.posts
+        if p.expected == EVENT and p.label is not None and (only is None or p.original_id in only)
+    ]
     out: dict[str, dict[str, Any]] = {}
     rng = np.random.default_rng(seed)
     for a, b in pairs:
@@ -284,6 +292,10 @@ def paired_bootstrap(
         true = np.asarray([LABELS.index(p.label or "") for p in both])
         pa = np.asarray([LABELS.index(preds[a][p.original_id]) for p in both])
         pb = np.asarray([LABELS.index(preds[b][p.original_id]) for p in both])
+        if not both:  # nothing to compare (e.g. no post of this run was corrupted)
+            nan = {"diff": float("nan"), "ci95": [float("nan"), float("nan")]}
+            out[f"{a}-{b}"] = {"n": 0, "weighted_f1": dict(nan), "macro_f1": dict(nan)}
+            continue
         point = np.subtract(_f1s(true, pa), _f1s(true, pb))
         draws = np.empty((n_boot, 2))
         for i in range(n_boot):
