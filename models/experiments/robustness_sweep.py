@@ -1,6 +1,7 @@
 """Issue 7: the served model vs the zero-fill late-fusion baseline across modality drop rates, through the real stream.
 
-``python -m models.experiments.robustness_sweep [--posts N] [--rates 0,0.3,0.6,0.9] [--seed 0]``
+``python -m models.experiments.robustness_sweep [--posts N] [--rates 0,0.3,0.6,0.9] [--seed 0]
+[--text-corrupt-rates 0.3,0.6] [--text-kinds mask,delete,truncate,typos] [--skip-drops] [--reuse]``
 
 1. A recording of N labelled test posts with all three modalities (a seeded sample of the benchmark's
    ``test`` split; synthetic Poisson timing, byte-identical for the same N and seed).
@@ -8,12 +9,21 @@
    fresh topics and a fresh consumer group, with its own metrics/health ports and Redis database.
 3. For each drop rate r: ``replay --as-fast-as-possible --drop image=r,transcript=r --seed S`` through
    the broker and the worker; one seed for every rate, so the drops are nested across rates.
+   Then, for each text kind k and text rate r (``--text-kinds``, ``--text-corrupt-rates``): ``replay
+   --corrupt text=r --text-corruption k --seed S`` with no drops (image and transcript stay present),
+   after a clean run (no faults) that is the reference when the drop sweep has no drop 0.0 of its own
+   (``--skip-drops`` runs only these). Every run's raw result is saved in the work dir; ``--reuse``
+   rescores saved results (the drop runs all together, the text-fault runs one by one).
 4. After the worker has stopped (so its latency is not disturbed): the baselines on exactly the inputs
    the worker saw (``plan_recording`` with the run's id → ``decode_post`` → the export's ONNX encoders
    via :class:`~stream.service.scoring.PostScorer` → a trained PyTorch head): ``late_zero`` (zero-fill late
    fusion) and ``text_only``.
 5. Per-rate reports (``build_report`` with the baselines), one comparison (``compare_reports``), an
    offline random-pairing control on cached features, and the summary ``docs/robustness.md``.
+   For the text faults: ``text-faults.md`` / ``text-faults.json`` in ``--out`` (``docs/robustness``): per
+   (kind, rate), served vs ``late_zero`` vs ``text_only`` on the posts whose text was corrupted (and on all
+   posts), paired-bootstrap intervals of served − each baseline, each scorer's majority-class share, and
+   each scorer on the same posts clean; ``docs/robustness.md`` is never written from them.
 
 Pairing of images and transcripts with tweets is synthetic (by label with probability p, docs/data.md);
 the summary says so, with p and the seed from the benchmark manifest, and shows the text-only scorer and
@@ -30,8 +40,10 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +57,11 @@ from stream.service.manifest import Manifest
 from stream.service.scoring import PostScorer
 from stream.service.settings import Settings, get_settings
 from stream.tools.dataset import benchmark_posts
+from stream.tools.faults import TEXT_CORRUPTIONS
 from stream.tools.launcher import WorkerNotReady, WorkerProcess
 from stream.tools.recording import write_recording
 from stream.tools.replay import EVENT, Faults, ReplayOptions, ReplayResult, plan_recording, replay
+from stream.tools.replay_results import PublishedPost
 from stream.tools.report import (
     build_report,
     classification_metrics,
@@ -595,6 +609,340 @@ def write_summary(
     path.write_text("\n".join(lines))
 
 
+# -- text content faults (issue: --corrupt text=r with masking and the realistic kinds) ------------------
+
+DEFAULT_TEXT_RATES = (0.3, 0.6)
+DEFAULT_TEXT_KINDS = ("mask", "delete", "truncate", "typos")
+TEXT_SCORERS = ("served", "late_zero", "text_only")
+SCORER_NAMES = {"served": "served (FSRF)", "late_zero": "zero-fill late fusion", "text_only": "text only"}
+
+
+def text_cell_name(kind: str, rate: float) -> str:
+    """The name of a text-fault cell in file names and JSON keys, e.g. ``text-typos-0.3``."""
+    return f"text-{kind}-{rate}"
+
+
+def text_faults(kind: str, rate: float, seed: int) -> Faults:
+    """A fraction ``rate`` of the posts get their text corrupted (40–80 % of the words) with ``kind``; no drops."""
+    return Faults(corrupt={"text": rate}, text_corruption=(kind,), seed=seed)
+
+
+def parse_rate_list(spec: str) -> list[float]:
+    """``"0.3,0.6"`` → ``[0.3, 0.6]``; an empty string → ``[]``; every rate in [0, 1]."""
+    rates = [float(x) for x in spec.split(",") if x.strip()]
+    bad = [r for r in rates if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"rates must be in [0, 1], got {bad}")
+    return rates
+
+
+def parse_text_kinds(spec: str) -> list[str]:
+    """``"mask,typos"`` → ``["mask", "typos"]``, each one of :data:`~stream.tools.faults.TEXT_CORRUPTIONS`."""
+    kinds = list(dict.fromkeys(k.strip() for k in spec.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in TEXT_CORRUPTIONS]
+    if unknown or not kinds:
+        raise ValueError(f"text kinds must be a non-empty list of {', '.join(TEXT_CORRUPTIONS)}, got {spec!r}")
+    return kinds
+
+
+def text_corrupted_ids(result: ReplayResult) -> set[str]:
+    """Original ids of the labelled posts expected to be scored whose text this run corrupted."""
+    return {
+        p.original_id for p in result.posts if p.expected == EVENT and p.label is not None and "text" in p.corrupted
+    }
+
+
+def majority_share(labels: Sequence[str]) -> dict[str, Any]:
+    """The most frequent label (ties: the first in :data:`LABELS` order) and its share; share NaN when empty."""
+    if not labels:
+        return {"majority_label": None, "majority_share": float("nan")}
+    counts = Counter(labels)
+    order = [*LABELS, *sorted(set(counts) - set(LABELS))]
+    top = max((lab for lab in order if lab in counts), key=counts.__getitem__)
+    return {"majority_label": top, "majority_share": counts[top] / len(labels)}
+
+
+def scorer_summary(
+    posts: Sequence[PublishedPost], predictions: Mapping[str, str], only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """n, accuracy, weighted/macro F1 and the majority predicted label's share of one scorer.
+
+    Scored: labelled posts expected to produce an event (restricted to ``only`` when given) that have a
+    prediction in ``predictions`` (original id → label).
+    """
+    y_true: list[str] = []
+    y_pred: list[str] = []
+    for p in posts:
+        if p.expected != EVENT or p.label is None or (only is not None and p.original_id not in only):
+            continue
+        pred = predictions.get(p.original_id)
+        if pred is not None:
+            y_true.append(p.label)
+            y_pred.append(pred)
+    return dict(classification_metrics(y_true, y_pred)) | majority_share(y_pred)
+
+
+def all_predictions(result: ReplayResult, baselines: Mapping[str, Iterable[Prediction]]) -> dict[str, dict[str, str]]:
+    """Every scorer's labels by original id: ``served`` (first event per post) and each baseline."""
+    return {"served": served_predictions(result)} | {
+        k: normalize_predictions(v, result.run_id) for k, v in baselines.items()
+    }
+
+
+def text_cell(
+    result: ReplayResult,
+    baselines: Mapping[str, list[Prediction]],
+    clean: tuple[ReplayResult, Mapping[str, list[Prediction]]] | None,
+    *,
+    n_boot: int,
+    seed: int,
+    text_absent: Collection[str] = (),
+) -> dict[str, Any]:
+    """One (kind, rate) cell: each scorer on the posts whose text was corrupted and on all posts, the paired
+    bootstrap of served − each baseline on the corrupted posts, and each scorer on the same posts clean.
+
+    ``clean``: the clean run (drop 0.0 or the clean cell) and the baselines on its inputs; the reference.
+    ``text_absent``: original ids whose corrupted text was blank (the worker treats it as missing).
+    """
+    faults = result.options.get("faults", {})
+    kinds = list(faults.get("text_corruption", ()))
+    rate = float(faults.get("corrupt", {}).get("text", float("nan")))
+    corrupted = text_corrupted_ids(result)
+    preds = all_predictions(result, baselines)
+    scorers = [s for s in TEXT_SCORERS if s in preds] + [s for s in preds if s not in TEXT_SCORERS]
+    truth = [p.label for p in result.posts if p.original_id in corrupted and p.label is not None]
+    pairs = [("served", b) for b in scorers if b != "served"]
+    cell: dict[str, Any] = {
+        "kind": kinds[0] if len(kinds) == 1 else ",".join(kinds),
+        "rate": rate,
+        "run_id": result.run_id,
+        "published": len(result.posts),
+        "timed_out": result.timed_out,
+        "lost_events": sum(
+            p.expected == EVENT and p.original_id not in preds["served"] and p.id not in result.publish_errors
+            for p in result.posts
+        ),
+        "n_corrupted": len(corrupted),
+        "n_corrupted_not_scored_valid": sum("text" in p.corrupted and p.expected != EVENT for p in result.posts),
+        "n_text_blank": len(corrupted & set(text_absent)),
+        "true_majority": majority_share([t for t in truth if t is not None]),
+        "corrupted": {s: scorer_summary(result.posts, preds[s], corrupted) for s in scorers},
+        "all": {s: scorer_summary(result.posts, preds[s]) for s in scorers},
+        "clean": {},
+        "paired_bootstrap": paired_bootstrap(result, baselines, pairs, n_boot=n_boot, seed=seed, only=corrupted),
+    }
+    if clean is not None:
+        clean_result, clean_baselines = clean
+        clean_preds = all_predictions(clean_result, clean_baselines)
+        cell["clean"] = {
+            s: scorer_summary(clean_result.posts, clean_preds[s], corrupted) for s in scorers if s in clean_preds
+        }
+        cell["clean_run_id"] = clean_result.run_id
+    return cell
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """NaN (an empty group's metric) becomes null: strict JSON readers reject NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _share(m: Mapping[str, Any] | None) -> str:
+    if not m or m.get("majority_label") is None:
+        return "–"
+    return f"{m['majority_share']:.2f} ({str(m['majority_label'])[:3]})"
+
+
+def _mf1_clean(cell: Mapping[str, Any], scorer: str) -> str:
+    m = cell["corrupted"].get(scorer)
+    if m is None:
+        return "–"
+    c = cell["clean"].get(scorer)
+    return f"{_f(m['macro_f1'])} ({_f(c['macro_f1']) if c else '–'})"
+
+
+def _ci_cell(cell: Mapping[str, Any], pair: str) -> str:
+    d = cell["paired_bootstrap"].get(pair)
+    if d is None or d["n"] == 0:
+        return "–"
+    return _ci(d["macro_f1"])
+
+
+def _separated(d: Mapping[str, Any]) -> int:
+    """+1 / −1 when the 95 % interval of the macro-F1 difference lies above / below 0, else 0."""
+    lo, hi = d["macro_f1"]["ci95"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def text_fault_tables(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown: per rate, one row per kind on the corrupted posts, then the same scorers on all posts."""
+    lines: list[str] = []
+    rates = list(dict.fromkeys(c["rate"] for c in cells))
+    for rate in rates:
+        rows = [c for c in cells if c["rate"] == rate]
+        lines += [
+            f"### Text corrupted in a fraction {rate} of the posts",
+            "",
+            "On the posts whose text was corrupted (macro F1; in brackets the same scorer on the same posts clean). "
+            "Majority share: the share of the most frequent predicted label (first three letters) on those posts; "
+            "the last column is the share of the most frequent true label, for reference.",
+            "",
+            "| kind | n corrupted | served mF1 (clean) | zero-fill mF1 (clean) | text only mF1 (clean) | "
+            "served − zero-fill Δ mF1 [95 % CI] | served − text only Δ mF1 [95 % CI] | "
+            "majority share served | zero-fill | text only | true labels |",
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for c in rows:
+            lines.append(
+                f"| {c['kind']} | {c['n_corrupted']} | {_mf1_clean(c, 'served')} | {_mf1_clean(c, 'late_zero')} | "
+                f"{_mf1_clean(c, 'text_only')} | {_ci_cell(c, 'served-late_zero')} | {_ci_cell(c, 'served-text_only')} "
+                f"| {_share(c['corrupted'].get('served'))} | {_share(c['corrupted'].get('late_zero'))} | "
+                f"{_share(c['corrupted'].get('text_only'))} | {_share(c['true_majority'])} |"
+            )
+        lines += [
+            "",
+            "All posts of the same runs (corrupted and untouched), macro F1 / weighted F1:",
+            "",
+            "| kind | n | served | zero-fill | text only |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in rows:
+            cols = [
+                f"{_f(c['all'][s]['macro_f1'])} / {_f(c['all'][s]['weighted_f1'])}" if s in c["all"] else "–"
+                for s in TEXT_SCORERS
+            ]
+            lines.append(f"| {c['kind']} | {c['all']['served']['n']} | " + " | ".join(cols) + " |")
+        blank = [c for c in rows if c["n_text_blank"] or c["n_corrupted_not_scored_valid"]]
+        notes = [
+            f"{c['kind']}: {c['n_text_blank']} corrupted text(s) left blank (scored without text: the worker treats "
+            f"a blank text as missing), {c['n_corrupted_not_scored_valid']} corrupted post(s) no longer valid"
+            for c in blank
+        ]
+        lost = [c for c in rows if c["lost_events"] or c["timed_out"]]
+        notes += [
+            f"{c['kind']}: {c['lost_events']} post(s) without an event (timed out: {c['timed_out']})"
+            for c in lost
+        ]
+        if notes:
+            lines += ["", "Notes: " + "; ".join(notes) + "."]
+        lines.append("")
+    return lines
+
+
+def text_fault_findings(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Plain statements computed from the cells (so a re-run cannot leave stale prose)."""
+    out = ["**Findings (computed from the tables).**", ""]
+    for pair, name in (("served-late_zero", "zero-fill"), ("served-text_only", "text only")):
+        signs = [
+            (_separated(c["paired_bootstrap"][pair]), f"{c['kind']} {c['rate']}")
+            for c in cells
+            if c["paired_bootstrap"].get(pair, {}).get("n")
+        ]
+        if not signs:
+            continue
+        above = [where for sign, where in signs if sign > 0]
+        below = [where for sign, where in signs if sign < 0]
+        if not above and not below:
+            out.append(
+                f"* Served vs {name} on the corrupted posts: the 95 % interval of the macro-F1 difference contains 0 "
+                "in every cell: no difference is detectable at this N."
+            )
+        else:
+            out.append(
+                f"* Served vs {name} on the corrupted posts: served higher (interval above 0) in "
+                f"{', '.join(above) or 'no cell'}; lower (interval below 0) in {', '.join(below) or 'no cell'}; "
+                "elsewhere the interval contains 0."
+            )
+    for s in TEXT_SCORERS:
+        drops = [
+            (c["corrupted"][s]["macro_f1"] - c["clean"][s]["macro_f1"], f"{c['kind']} {c['rate']}")
+            for c in cells
+            if s in c["corrupted"] and s in c["clean"] and c["corrupted"][s]["n"]
+        ]
+        shares = [
+            (c["corrupted"][s]["majority_share"], f"{c['kind']} {c['rate']}")
+            for c in cells
+            if s in c["corrupted"] and c["corrupted"][s]["n"]
+        ]
+        if drops and shares:
+            worst, where = min(drops)
+            top, at = max(shares)
+            out.append(
+                f"* {SCORER_NAMES[s]}: on the corrupted posts, macro F1 corrupted − clean is {worst:+.3f} at worst "
+                f"({where}); its largest majority share is {top:.2f} ({at})."
+            )
+    return out
+
+
+def write_text_faults(md_path: Path, info: Mapping[str, Any], cells: Sequence[Mapping[str, Any]]) -> None:
+    """``text-faults.md`` and, beside it, ``text-faults.json`` (the cells with the run's parameters)."""
+    data = info.get("data_manifest", {})
+    pairing = data.get("pairing", {})
+    command = info["command"]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: v for k, v in info.items() if k != "data_manifest"} | {
+        "pairing": pairing,
+        "data_seed": data.get("seed"),
+        "synthetic_pairing": True,
+        "cells": list(cells),
+    }
+    md_path.with_suffix(".json").write_text(json.dumps(_nan_to_none(payload), indent=1, allow_nan=False) + "\n")
+    lines = [
+        "# Text content faults through the real stream: served vs zero-fill vs text only",
+        "",
+        f"Generated by `{command}` on {info['date']} (N = {info['n']} posts, seed {info['seed']}; stream runs "
+        f"{sum(info['run_s'].values()) / 60:.1f} min"
+        + (", some rescored from saved results with `--reuse`" if info["reused"] else "")
+        + f"; load ≈ {info['load']:.1f}).",
+        "",
+        "**Honest data.** Tweets and their labels are real (CrowdFlower); images (emoji) and transcripts are real "
+        "labelled items, but **their pairing with a tweet is synthetic** (by label: the same-label pool with "
+        f"probability p_image = {pairing.get('p_image')}, p_transcript = {pairing.get('p_transcript')}, else "
+        f"uniformly; benchmark seed {data.get('seed')}; see docs/data.md). So the image and transcript still "
+        "carry label information when the text is damaged only through that pairing rule: any advantage of "
+        "fusion over text only below measures the pairing, not real multimodal sentiment.",
+        "",
+        "## Setup",
+        "",
+        f"* **Posts:** the recording of the drop sweep: N = {info['n']} labelled `test` posts with text, image and "
+        f"transcript (seed {info['seed']}), replayed as fast as possible through the broker and one worker.",
+        "* **Faults:** one replay per (kind, rate): `replay --corrupt text=r --text-corruption KIND --seed "
+        f"{info['seed']}`, no drops (image and transcript stay present). A fraction r of the posts gets 40–80 % of "
+        "the words of its text damaged: `mask` ([MASK] tokens, the papers' protocol), `delete` (words removed), "
+        "`truncate` (the end cut off), `typos` (one character edit per chosen word). One seed: the same posts at "
+        "the same damage rate are corrupted for every kind, and those corrupted at 0.3 are among those at 0.6.",
+        f"* **Served:** the worker serving `{info['model_dir']}` (model {info['model_version']}, recovery "
+        f"`{info['recovery']}`); the first event per post.",
+        f"* **Zero-fill (`late_zero`):** `{info['late_zero']}`; **text only:** `{info['text_only']}`; both on exactly "
+        "the inputs the worker saw (the run's plan → `decode_post` → the export's ONNX encoders).",
+        f"* **Clean reference:** the same scorers on the same posts in the {info['clean_source']} run "
+        f"`{info['clean_run']}` (no faults).",
+        "* **Intervals:** 95 % paired bootstrap over the corrupted posts (2,000 resamples), served − baseline.",
+        "",
+        "## Results",
+        "",
+        *text_fault_tables(cells),
+        *text_fault_findings(cells),
+        "",
+        "## Files",
+        "",
+        "* `text-faults.json`: every cell (per scorer: n, accuracy, weighted/macro F1 and majority share on the "
+        "corrupted posts, on all posts and on the corrupted posts clean; the paired bootstrap; delivery).",
+        f"* Raw results and the full per-cell reports stay in the work dir (`{info['work_dir']}`, "
+        "`result-<N>-<seed>-text-<kind>-<rate>.json`, `text-<kind>-<rate>/report.md`).",
+        "",
+        f"Regenerate: `{command}` (starts the local stack if needed and one worker; add `--reuse` to rescore the "
+        "saved stream results).",
+        "",
+    ]
+    md_path.write_text("\n".join(lines))
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
@@ -605,6 +953,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--posts", type=int, default=2000, help="posts in the recording (default 2000)")
     p.add_argument("--rates", default=",".join(str(r) for r in DEFAULT_RATES), help="drop rates (image and transcript)")
     p.add_argument("--seed", type=int, default=0, help="sample and fault seed (default 0)")
+    p.add_argument(
+        "--text-corrupt-rates",
+        default=",".join(str(r) for r in DEFAULT_TEXT_RATES),
+        help="fractions of posts whose text is corrupted, one replay per (kind, rate), no drops "
+        "(default 0.3,0.6; empty: no text-fault cells)",
+    )
+    p.add_argument(
+        "--text-kinds",
+        default=",".join(DEFAULT_TEXT_KINDS),
+        help=f"text corruption kinds, one replay each per rate (default {','.join(DEFAULT_TEXT_KINDS)}; "
+        f"known: {','.join(TEXT_CORRUPTIONS)})",
+    )
+    p.add_argument(
+        "--skip-drops",
+        action="store_true",
+        help="run only the text-fault cells (and a clean reference run); no drop sweep, docs/robustness.md untouched",
+    )
     settings = get_settings()
     runs = settings.data_dir.parent / "runs"  # next to the benchmark: <runs>/<split>/<method>/seed<S>
     p.add_argument("--data-dir", type=Path, default=settings.data_dir, help="built benchmark (settings.data_dir)")
@@ -620,10 +985,78 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def regenerate_command(args: argparse.Namespace, kinds: Sequence[str]) -> str:
+    """The command line that regenerates the text-fault files: the run's choices, paths only where not default."""
+    defaults = parse_args([])
+    parts = ["python -m models.experiments.robustness_sweep", f"--posts {args.posts}", f"--seed {args.seed}"]
+    if args.skip_drops:
+        parts.append("--skip-drops")
+    elif args.rates != defaults.rates:
+        parts.append(f"--rates {args.rates}")
+    parts += [f"--text-corrupt-rates {args.text_corrupt_rates}", f"--text-kinds {','.join(kinds)}"]
+    for flag in ("data_dir", "model_dir", "late_zero", "text_only", "out"):
+        if getattr(args, flag) != getattr(defaults, flag):
+            parts.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+    return " ".join(parts)
+
+
+@dataclass
+class Scoring:
+    """What scores the baselines offline: the export's encoders (cached) and the two PyTorch heads."""
+
+    settings: Settings
+    manifest: Manifest
+    scorer: PostScorer
+    cache: FeatureCache
+    late_zero: torch.nn.Module
+    text_only: torch.nn.Module | None
+    lz_meta: dict[str, Any]
+    to_meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, args: argparse.Namespace, settings: Settings) -> Scoring:
+        manifest = Manifest.load(args.model_dir)
+        scorer = PostScorer(manifest, settings)
+        late_zero, lz_meta = load_model_dir(args.late_zero)
+        text_only, to_meta = load_model_dir(args.text_only) if args.text_only.is_dir() else (None, {})
+        return cls(settings, manifest, scorer, FeatureCache(scorer), late_zero, text_only, lz_meta, to_meta)
+
+    def baselines(
+        self, result: ReplayResult
+    ) -> tuple[dict[str, list[Prediction]], list[tuple[str, Post]], tuple[np.ndarray, ...]]:
+        """The heads' predictions on exactly the worker's inputs of ``result``, the inputs and their features."""
+        inputs = worker_inputs(result, self.settings)
+        pids = [i for i, _ in inputs]
+        feats = self.cache.features([p for _, p in inputs])
+        out = {"late_zero": head_predictions(self.late_zero, pids, feats)}
+        if self.text_only is not None:
+            out["text_only"] = head_predictions(self.text_only, pids, feats)
+        return out, inputs, feats
+
+
+def _replay_run(settings: Settings, recording: Path, faults: Faults, timeout: float, what: str) -> ReplayResult:
+    options = ReplayOptions(faults=faults, speed=None, timeout_s=timeout, settle_s=2.0)
+    t0 = time.monotonic()
+    result = asyncio.run(replay(settings, recording, options))
+    got = len({e.id for e in result.events})
+    _say(
+        f"{what}: run {result.run_id}, {len(result.posts)} published, {got} with events, "
+        f"timed out {result.timed_out}, {time.monotonic() - t0:.0f} s"
+    )
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    rates = [float(r) for r in args.rates.split(",")]
+    try:
+        rates = [] if args.skip_drops else [float(r) for r in args.rates.split(",")]
+        text_rates = parse_rate_list(args.text_corrupt_rates)
+        kinds = parse_text_kinds(args.text_kinds) if text_rates else []
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if not rates and not text_rates:
+        raise SystemExit("error: nothing to run (--skip-drops with no --text-corrupt-rates)")
     base = get_settings()
     work = args.work_dir or base.state_dir / "robustness-sweep"
     work.mkdir(parents=True, exist_ok=True)
@@ -636,58 +1069,112 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = make_recording(args.data_dir, args.posts, args.seed, recording)
     _say(f"recording {recording}: {len(ids)} posts in {time.monotonic() - t0:.0f} s")
 
+    # The drop sweep's stream results (reused only all together, as before).
     results: list[tuple[float, ReplayResult]] = []
     run_s: dict[str, float] = {}
     loads: list[float] = []
     saved = [work / f"result-{args.posts}-{args.seed}-{rate}.json" for rate in rates]
     timings = work / f"run_s-{args.posts}-{args.seed}.json"
-    settings = base.model_copy(update={"model_dir": args.model_dir})
-    reused = args.reuse and all(p.is_file() for p in saved) and timings.is_file()
+    reused = bool(rates) and args.reuse and all(p.is_file() for p in saved) and timings.is_file()
     if reused:
         results = [(rate, ReplayResult.load(p)) for rate, p in zip(rates, saved, strict=True)]
         saved_timings = json.loads(timings.read_text())
         run_s = saved_timings.get("run_s", saved_timings)
         loads = saved_timings.get("load", [])
-        _say("reusing the saved stream results")
-    else:
+        _say("reusing the saved drop-sweep stream results")
+
+    # The text-fault cells (reused one by one): a clean reference run unless the drop sweep has drop 0.0.
+    clean_from_drops = 0.0 in rates
+    text_jobs: list[tuple[str, Faults]] = []
+    if text_rates and not clean_from_drops:
+        text_jobs.append(("clean", Faults(seed=args.seed)))
+    text_jobs += [(text_cell_name(k, r), text_faults(k, r, args.seed)) for r in text_rates for k in kinds]
+    text_saved = {name: work / f"result-{args.posts}-{args.seed}-{name}.json" for name, _ in text_jobs}
+    text_timings = work / f"run_s-text-{args.posts}-{args.seed}.json"
+    text_t: dict[str, dict[str, float]] = {"run_s": {}, "load": {}}
+    if text_timings.is_file():
+        text_t |= json.loads(text_timings.read_text())
+    text_results: dict[str, ReplayResult] = {}
+    if args.reuse:
+        text_results = {name: ReplayResult.load(p) for name, p in text_saved.items() if p.is_file()}
+        if text_results:
+            _say(f"reusing the saved text-fault stream results: {', '.join(text_results)}")
+    text_todo = [(name, faults) for name, faults in text_jobs if name not in text_results]
+
+    settings = base.model_copy(update={"model_dir": args.model_dir})
+    if (rates and not reused) or text_todo:
         LocalStack(base).start()
         settings = sweep_settings(base, args.model_dir, args.redis_db)
         asyncio.run(create_topics(settings))
         _say(f"topics {settings.topics}, group {settings.consumer_group}, redis {settings.redis_url}")
         with running_worker(settings, work / "worker.log"):
-            for rate, path in zip(rates, saved, strict=True):
-                faults = Faults(drop={"image": rate, "transcript": rate}, seed=args.seed)
+            if rates and not reused:
+                for rate, path in zip(rates, saved, strict=True):
+                    faults = Faults(drop={"image": rate, "transcript": rate}, seed=args.seed)
+                    t0 = time.monotonic()
+                    result = _replay_run(settings, recording, faults, args.timeout, f"drop {rate}")
+                    run_s[str(rate)] = time.monotonic() - t0
+                    loads.append(_loadavg())
+                    result.save(path)
+                    results.append((rate, result))
+                timings.write_text(json.dumps({"run_s": run_s, "load": loads, "total_s": time.monotonic() - started}))
+            for name, faults in text_todo:
                 t0 = time.monotonic()
-                options = ReplayOptions(faults=faults, speed=None, timeout_s=args.timeout, settle_s=2.0)
-                result = asyncio.run(replay(settings, recording, options))
-                run_s[str(rate)] = time.monotonic() - t0
-                got = len({e.id for e in result.events})
-                _say(
-                    f"drop {rate}: run {result.run_id}, {len(result.posts)} published, {got} with events, "
-                    f"timed out {result.timed_out}, {run_s[str(rate)]:.0f} s"
-                )
-                loads.append(_loadavg())
-                result.save(path)
-                results.append((rate, result))
-        timings.write_text(json.dumps({"run_s": run_s, "load": loads, "total_s": time.monotonic() - started}))
+                result = _replay_run(settings, recording, faults, args.timeout, name)
+                text_t["run_s"][name] = time.monotonic() - t0
+                text_t["load"][name] = _loadavg()
+                result.save(text_saved[name])
+                text_results[name] = result
+                text_timings.write_text(json.dumps(text_t))
 
     _say("scoring the baselines on the worker's inputs (ONNX encoders + PyTorch heads)")
+    scoring = Scoring.load(args, settings)
+    if rates:
+        score_drops(args, scoring, ids, results, rates, run_s, loads, reused, started, work)
+    if text_rates:
+        clean = dict(results)[0.0] if clean_from_drops else text_results["clean"]
+        cells = [text_results[text_cell_name(k, r)] for r in text_rates for k in kinds]
+        names = ["clean"] if not clean_from_drops else []
+        names += [text_cell_name(k, r) for r in text_rates for k in kinds]
+        t_run_s = {n: text_t["run_s"][n] for n in names if n in text_t["run_s"]}
+        t_loads = [text_t["load"][n] for n in names if n in text_t["load"]]
+        meta = {
+            "command": regenerate_command(args, kinds),
+            "text_rates": text_rates,
+            "kinds": kinds,
+            "run_s": t_run_s,
+            "load": float(np.mean(t_loads)) if t_loads else _loadavg(),
+            "reused": bool(set(text_results) - {n for n, _ in text_todo}) or (clean_from_drops and reused),
+            "clean_run": clean.run_id,
+            "clean_source": "drop-0.0" if clean_from_drops else "clean",
+        }
+        score_text(args, scoring, clean, cells, meta, work)
+    _say(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+def score_drops(
+    args: argparse.Namespace,
+    scoring: Scoring,
+    ids: Sequence[str],
+    results: Sequence[tuple[float, ReplayResult]],
+    rates: Sequence[float],
+    run_s: dict[str, float],
+    loads: Sequence[float],
+    reused: bool,
+    started: float,
+    work: Path,
+) -> None:
+    """The drop sweep's reports, comparison, random-pairing control, ``sweep.json`` and ``docs/robustness.md``."""
     t0 = time.monotonic()
-    manifest = Manifest.load(args.model_dir)
-    scorer = PostScorer(manifest, settings)
-    cache = FeatureCache(scorer)
-    late_zero, lz_meta = load_model_dir(args.late_zero)
-    text_only, to_meta = load_model_dir(args.text_only) if args.text_only.is_dir() else (None, {})
+    out: Path = args.out
+    scorer, late_zero, text_only = scoring.scorer, scoring.late_zero, scoring.text_only
     reports: list[tuple[float, dict[str, Any]]] = []
     diffs: dict[str, dict[str, dict[str, Any]]] = {}
     parity: dict[str, float] = {}
     for rate, result in results:
-        inputs = worker_inputs(result, settings)
+        baselines, inputs, feats = scoring.baselines(result)
         pids = [i for i, _ in inputs]
-        feats = cache.features([p for _, p in inputs])
-        baselines = {"late_zero": head_predictions(late_zero, pids, feats)}
-        if text_only is not None:
-            baselines["text_only"] = head_predictions(text_only, pids, feats)
         rate_dir = work / f"drop-{rate}"
         report = build_report(result, rate_dir, baselines=baselines)
         dest = out / f"drop-{rate}"
@@ -699,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports.append((rate, report))
         if not parity:
             parity = encoder_parity(args.data_dir, pids, feats)
-    _say(f"baselines in {time.monotonic() - t0:.0f} s ({len(cache.cache)} encodings)")
+    _say(f"baselines in {time.monotonic() - t0:.0f} s ({len(scoring.cache.cache)} encodings)")
     compare_reports(reports, out, x_label="drop rate (image and transcript)")
 
     def served_head(feats: Sequence[np.ndarray]) -> np.ndarray:
@@ -745,14 +1232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_s": run_s,
         "load": load,
         "model_dir": str(args.model_dir),
-        "model_version": manifest.version,
+        "model_version": scoring.manifest.version,
         "recovery": scorer.recovery,
         "late_zero": str(args.late_zero),
         "text_only": str(args.text_only),
         "work_dir": str(work),
         "data_manifest": json.loads((args.data_dir / "manifest.json").read_text()),
-        "late_zero_data": lz_meta.get("data_meta"),
-        "text_only_data": to_meta.get("data_meta"),
+        "late_zero_data": scoring.lz_meta.get("data_meta"),
+        "text_only_data": scoring.to_meta.get("data_meta"),
     }
     sweep = {k: v for k, v in info.items() if k != "data_manifest"} | {
         "pairing": info["data_manifest"].get("pairing"),
@@ -764,8 +1251,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "sweep.json").write_text(json.dumps(sweep, indent=1, default=str) + "\n")
     plot_sweep(out / "sweep.png", reports, control, diffs)
     write_summary(args.summary, info, reports, control, out, diffs)
-    _say(f"done in {(time.monotonic() - started) / 60:.1f} min; summary {args.summary}")
-    return 0
+    _say(f"drop sweep written; summary {args.summary}")
+
+
+def score_text(
+    args: argparse.Namespace,
+    scoring: Scoring,
+    clean: ReplayResult,
+    results: Sequence[ReplayResult],
+    meta: dict[str, Any],
+    work: Path,
+) -> list[dict[str, Any]]:
+    """Each text-fault cell against the clean reference; ``text-faults.md`` and ``text-faults.json`` in ``--out``."""
+    t0 = time.monotonic()
+    clean_baselines, clean_inputs, clean_feats = scoring.baselines(clean)
+    parity = encoder_parity(args.data_dir, [i for i, _ in clean_inputs], clean_feats)
+    cells: list[dict[str, Any]] = []
+    for result in results:
+        baselines, inputs, _ = scoring.baselines(result)
+        faults = result.options["faults"]
+        name = text_cell_name(faults["text_corruption"][0], float(faults["corrupt"]["text"]))
+        build_report(result, work / name, baselines=baselines)
+        absent = [i for i, post in inputs if post.text is None]
+        cell = text_cell(
+            result, baselines, (clean, clean_baselines), n_boot=2000, seed=args.seed, text_absent=absent
+        )
+        cell["run_s"] = meta["run_s"].get(name)
+        cells.append(cell)
+    _say(f"text-fault cells scored in {time.monotonic() - t0:.0f} s ({len(scoring.cache.cache)} encodings)")
+    info = meta | {
+        "n": args.posts,
+        "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "encoder_parity": parity,
+        "model_dir": str(args.model_dir),
+        "model_version": scoring.manifest.version,
+        "recovery": scoring.scorer.recovery,
+        "late_zero": str(args.late_zero),
+        "text_only": str(args.text_only) if scoring.text_only is not None else None,
+        "work_dir": str(work),
+        "data_manifest": json.loads((args.data_dir / "manifest.json").read_text()),
+    }
+    path = args.out / "text-faults.md"
+    write_text_faults(path, info, cells)
+    _say(f"text faults written: {path} and {path.with_suffix('.json')}")
+    return cells
 
 
 if __name__ == "__main__":
