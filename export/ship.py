@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from export.onnx_export import INT8_RECORD_FILE, SHIPPED_MODEL_DIR, current_feature_key, int8_record
-from models.evaluate import EvalData, evaluate_run
+from models.evaluate import EvalData, evaluate_run, quality_auroc
 from models.train import load_model_dir
 from stream.service.manifest import Manifest, sha256_file
 
@@ -33,10 +33,13 @@ MODEL_FILES = ("config.json", "head.pt", "queue.npz", "metrics.json")
 SHIPPED_DATA = "the full benchmark (card.json: data)"
 # What the card reports (when the test split's feature variants exist): clean, text dropped, and the
 # protocol's random disruptions at ratio 0.6.
-HEADLINE = ("clean", "fixed_D_text", "fixed_C_text", "random_D_0.6", "random_C_0.6", "random_C+D_0.6")
+HEADLINE = ("clean", "fixed_D_text", "fixed_C_text", "fixed_C_text_delete", "fixed_C_text_truncate",
+            "fixed_C_text_typos", "random_D_0.6", "random_C_0.6", "random_C+D_0.6")
+DATA_COMMAND = "sentiment-stream data build --out DATA --seed 0"
 
 
-def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: str) -> dict[str, Any]:
+def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: str,
+         data_command: str = DATA_COMMAND) -> dict[str, Any]:
     """Copy the head into ``out`` and write ``card.json``, ``MODEL_CARD.md`` and ``int8_accuracy.json``."""
     config = json.loads((model_dir / "config.json").read_text())
     data_manifest = json.loads((data_dir / "manifest.json").read_text())
@@ -58,7 +61,9 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
     torch.set_num_threads(1)
     model, _ = load_model_dir(model_dir)
     seed = int(json.loads((model_dir / "metrics.json").read_text()).get("seed", 0))
-    results = evaluate_run(model, EvalData.load(data_dir, "test"), seed)
+    test = EvalData.load(data_dir, "test")
+    results = evaluate_run(model, test, seed)
+    quality = {k: round(v, 4) for k, v in quality_auroc(model, test).items()}
     headline = {name: {k: round(float(v), 4) for k, v in results[name].items()}
                 for name in HEADLINE if name in results}
 
@@ -78,6 +83,7 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
         "name": out.name,
         "shipped_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command,
+        "data_command": data_command,
         "seed": seed,
         "model": config.get("model"),
         "recovery": config["config"].get("recovery"),
@@ -97,6 +103,7 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
             "synthetic_pairing": True,
         },
         "test_metrics": headline,
+        "quality_auroc": quality,
         "test_conditions_available": sorted(results),
         "int8": parity.get("int8_gate"),
         "export_model_version": manifest.model_version,
@@ -121,6 +128,16 @@ def card_markdown(card: dict[str, Any]) -> str:
     data_line = (f"the full benchmark (docs/data.md), generator {data['generator_version']}, seed {data['seed']}: "
                  f"{counts}; image identities `{data['image_identities']}`")
     encoders = f"features `{card['feature_key']}` (MiniLM-L6, MobileNetV2 weight hashes): `export` refuses others"
+    quality = card.get("quality_auroc") or {}
+    quality_rows = "\n".join(f"| {cell} | {value:.3f} |" for cell, value in quality.items())
+    quality_part = f"""
+## Quality AUROC (test split: clean vs content-corrupted input of each modality; 0.5 = cannot tell)
+
+| modality:fault | AUROC |
+|---|---:|
+{quality_rows}
+""" if quality else ""
+    data_command = card.get("data_command", DATA_COMMAND)
     return f"""# Model card: the shipped serving head `{card['name']}`
 
 The serving head (DRF quality + {card['recovery']} recovery + fusion) that `sentiment-stream export --shipped`
@@ -145,8 +162,8 @@ and `make demo` serve when no model was exported. Written by `sentiment-stream s
 | condition | accuracy | weighted F1 | macro F1 |
 |---|---:|---:|---:|
 {rows}
-
-Reproduce: build the full benchmark (`sentiment-stream data build --out DATA --seed 0`), then the command above
+{quality_part}
+Reproduce: build the full benchmark (`{data_command}`), then the command above
 with `--data-dir DATA`; `sentiment-stream export --model-dir OUT --out EXPORT --data-dir DATA` and
 `sentiment-stream ship --model-dir OUT --export EXPORT --data-dir DATA` rewrite this folder.
 """
@@ -158,11 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="the full benchmark it was trained on")
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="where the shipped head lives")
     parser.add_argument("--command", required=True, help="the train command line, for the card")
+    parser.add_argument("--data-command", default=DATA_COMMAND, help="the benchmark build command line, for the card")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        card = ship(args.model_dir, args.export, args.data_dir, args.out, args.command)
+        card = ship(args.model_dir, args.export, args.data_dir, args.out, args.command, args.data_command)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}")
         return 2

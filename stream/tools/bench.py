@@ -502,13 +502,23 @@ async def _saturate(
 
 
 async def _open_loop(
-    settings: Settings, collector: Collector, posts: Sequence[dict[str, Any]], rate: float, seconds: float, seed: int
+    settings: Settings,
+    collector: Collector,
+    posts: Sequence[dict[str, Any]],
+    rate: float,
+    seconds: float,
+    seed: int,
+    linger_ms: int = 0,
 ) -> dict[str, Any]:
-    """Poisson arrivals at ``rate`` for ``seconds``; latency = emit − publish and receive − publish."""
+    """Poisson arrivals at ``rate`` for ``seconds``; latency = emit − publish and receive − publish.
+
+    ``linger_ms``: the producer's linger (0: every post is its own produce request, aiokafka's default;
+    Kafka's own clients linger 5 ms since Kafka 4.0). The publish timestamp is taken before the linger.
+    """
     rng = np.random.default_rng(seed)
     n = max(1, min(len(posts), round(rate * seconds)))
     gaps = rng.exponential(1.0 / rate, n)
-    producer = await _producer(settings, 0)
+    producer = await _producer(settings, linger_ms)
     load = _load_avg()
     futures = []
     try:
@@ -555,6 +565,7 @@ async def pipeline(
     timeout: float,
     extra_env: dict[str, str] | None = None,
     rate: float | None = None,
+    linger_ms: int = 0,
 ) -> dict[str, Any]:
     """(b) or (c): start ``n_procs`` processes of ``module``, warm up, saturate, then the open-loop loads.
 
@@ -579,9 +590,9 @@ async def pipeline(
         for s in services:
             s.start()
         await _warm_up(settings, services, collector, posts[0], f"{tag}-{uuid.uuid4().hex[:4]}")
+        pids = {**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}
         if rate is None:
             before = [_stage_seconds(_metrics_text(s)) for s in services]
-            pids = {**{f"worker-{i}": s.pid for i, s in enumerate(services)}, **_stack_pids(base)}
             sampler = CpuSampler(pids).start()
             result["saturation"] = await _saturate(settings, collector, posts, timeout)
             result["cpu"] = sampler.stop()
@@ -596,7 +607,9 @@ async def pipeline(
         offset = 0
         for f in loads:
             chunk = latency_posts[offset:]
-            res = await _open_loop(settings, collector, chunk, f * sat, latency_seconds, seed)
+            sampler = CpuSampler(pids).start()
+            res = await _open_loop(settings, collector, chunk, f * sat, latency_seconds, seed, linger_ms)
+            res["cpu"] = sampler.stop()
             offset += res["posts"]
             result["latency"][f"{f:.2f}"] = res
         result["duplicates"] = collector.duplicates
@@ -681,6 +694,7 @@ def run_mix(args: argparse.Namespace, mix: Mix, manifest_dir: Path, data_dir: Pa
                     args.timeout,
                     {"SENTIMENT_BATCH_POLICY": policy},
                     rate=reference,
+                    linger_ms=args.open_loop_linger_ms,
                 )
                 res[key]["latency"] = lat["latency"]
                 res[key]["latency_reference_posts_s"] = reference
@@ -780,6 +794,15 @@ def _path(*keys: str) -> Callable[[dict[str, Any]], float]:
 def _mean_batch(key: str) -> Callable[[dict[str, Any]], float]:
     def get(r: dict[str, Any]) -> float:
         return float(r[key]["stage_seconds"]["posts"] / r[key]["stage_seconds"]["batches"])
+
+    return get
+
+
+def _latency_cpu(key: str, load: str, cpus: int) -> Callable[[dict[str, Any]], float]:
+    """Share of the machine the workers, the stack and the bench used during one open-loop run."""
+
+    def get(r: dict[str, Any]) -> float:
+        return float(r[key]["latency"][load]["cpu"]["total_core_share"]) / cpus
 
     return get
 
@@ -894,6 +917,12 @@ def markdown(report: dict[str, Any]) -> str:
             0,
             1000,
         )
+        row(
+            f"CPU during the {f:.0%} run, {first}, all processes [% of the machine]",
+            _latency_cpu(key(first), load, max(1, report["config"].get("cpus") or procs)),
+            0,
+            100,
+        )
     # the encoder cache, apart from the headline
     for m in _CONTENT:
         row(
@@ -999,6 +1028,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-entries", type=int, default=4096, help="encoder-cache entries per modality")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--open-loop-linger-ms",
+        type=int,
+        default=0,
+        help="linger of the open-loop producer (0: one produce request per post; Kafka's clients default to 5)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="max seconds to wait for a run's events")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "sentiment-bench"))
@@ -1043,6 +1078,7 @@ def _run(args: argparse.Namespace, settings: Settings, manifest: Manifest, model
             "cpus": os.cpu_count(),
             "repeats": args.repeats,
             "loads": args.loads,
+            "open_loop_linger_ms": args.open_loop_linger_ms,
             "text_encoder": variant,
             "text_encoder_why": why,
             "policies": args.policies,
