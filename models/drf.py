@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,9 @@ class DRFConfig:
     quality: str = "distance"  # "distance" (the paper's, exp(-max(D-1,0)/tau)) | "learned" (a fault detector)
     quality_tau: float = 1.0
     quality_loss_weight: float = 1.0  # the learned detector's balanced BCE (it touches nothing else)
+    # learned quality: after training, refit the detector on the final (frozen) projected features and the
+    # exported queue's moments by logistic regression, its strength chosen on val (``fit_detector``)
+    quality_refit: bool = False
     use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
     use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
     use_sample_loss: bool = True
@@ -221,6 +225,51 @@ class QualityEstimator(nn.Module):
         used = log_quality if self.use_quality else torch.zeros_like(log_quality)
         weights = masked_softmax(used + prior, available)
         return torch.exp(log_quality), weights
+
+    @torch.no_grad()
+    def fit_detector(
+        self,
+        modality: int,
+        fit: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor],
+        mean: Tensor,
+        var: Tensor,
+        strengths: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),
+    ) -> dict[str, float]:
+        """Refit one modality's detector by logistic regression (clean = 1) on frozen projected features.
+
+        ``fit`` / ``val``: ``(h [n,M,d], target [n])`` rows whose column ``modality`` is the input, target 1
+        clean and 0 corrupted. Standardisation goes into the batch-norm statistics, the coefficients into
+        ``weight`` / ``bias``, so the ONNX graph is unchanged. The strength ``C`` with the best val AUROC wins.
+        -> ``{"C", "val_auroc", "fit_rows"}``.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import roc_auc_score
+        from sklearn.preprocessing import StandardScaler
+
+        if self.mode != "learned":
+            raise ValueError("only a learned quality has a detector to fit")
+        n_stats = self.weight.shape[1]
+        x_fit = queue_statistics(fit[0], mean, var)[:, modality].double().numpy()
+        x_val = queue_statistics(val[0], mean, var)[:, modality].double().numpy()
+        y_fit, y_val = fit[1].numpy(), val[1].numpy()
+        scaler = StandardScaler().fit(x_fit)
+        best: tuple[float, float, Any] | None = None
+        for c in strengths:
+            lr = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x_fit), y_fit)
+            auroc = float(roc_auc_score(y_val, lr.decision_function(scaler.transform(x_val))))
+            if best is None or auroc > best[0]:
+                best = (auroc, c, lr)
+        assert best is not None
+        auroc, c, lr = best
+        block = slice(modality * n_stats, (modality + 1) * n_stats)
+        assert self.norm.running_mean is not None and self.norm.running_var is not None
+        self.norm.running_mean[block] = torch.as_tensor(scaler.mean_, dtype=torch.float32)
+        scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
+        self.norm.running_var[block] = (scale * scale - self.norm.eps).clamp_min(0.0)
+        self.weight[modality] = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
+        self.bias[modality] = float(lr.intercept_[0])
+        return {"C": c, "val_auroc": round(auroc, 4), "fit_rows": len(y_fit)}
 
     def loss(self, h: Tensor, mean: Tensor, var: Tensor, target: Tensor | None) -> dict[str, Tensor]:
         """The learned detector's class-balanced BCE against ``target [B,M]`` (NaN: no target); {} otherwise."""

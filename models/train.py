@@ -59,7 +59,7 @@ from models.common import (
     seed_everything,
     set_config_value,
 )
-from models.drf import DRF, DRFConfig
+from models.drf import DRF, DRFConfig, QualityEstimator
 from models.fsrf import FSRF, FSRFConfig
 from models.head import ServingHead, ServingHeadConfig
 from stream.service.settings import get_settings
@@ -530,6 +530,7 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     queue = build_queue(model, train)
+    quality_fit = refit_quality(model, train, val)
     clean_m, disrupted_m = evaluate_views(model, val_views, val.label)
     metrics = {
         "model": name,
@@ -545,7 +546,68 @@ def train_model(
         "history": history,
         "corruption": corruption_sources(disruption, train, val),
     }
+    if quality_fit:
+        metrics["quality_refit"] = quality_fit
     return TrainResult(model, metrics, queue)
+
+
+def _quality_of(model: nn.Module) -> Any:
+    quality = getattr(model, "quality", None)
+    return quality if isinstance(quality, QualityEstimator) and quality.mode == "learned" else None
+
+
+def _detector_rows(
+    model: nn.Module, table: FeatureTable, m: int, fitted: Sequence[int], cap: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Projected rows (column ``m``) of up to ``cap`` posts with modality ``m``: clean (1), each fitted fault (0)."""
+    rows = np.flatnonzero(table.available[:, m] > 0)
+    if len(rows) > cap:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, cap, replace=False))
+    projector: nn.Module = model.projectors[MODALITIES[m]]  # type: ignore[index, assignment]
+    bank = table.corrupted[MODALITIES[m]]
+    parts = [table.features[m][rows]] + [bank[k][rows] for k in fitted]
+    h = torch.cat([projector(torch.from_numpy(np.ascontiguousarray(x, np.float32))) for x in parts])
+    full = torch.zeros(h.shape[0], N_MODALITIES, h.shape[1])
+    full[:, m] = h
+    target = torch.cat([torch.ones(len(rows))] + [torch.zeros(len(rows)) for _ in fitted])
+    # as many clean rows as corrupted ones: repeat the clean block once per fault kind
+    if len(fitted) > 1:
+        full = torch.cat([full[: len(rows)]] * (len(fitted) - 1) + [full])
+        target = torch.cat([target[: len(rows)]] * (len(fitted) - 1) + [target])
+    return full, target
+
+
+@torch.no_grad()
+def refit_quality(model: nn.Module, train: FeatureTable, val: FeatureTable, cap: int = 6000) -> dict[str, Any]:
+    """With ``quality="learned"`` and ``quality_refit``: refit each modality's detector on the trained head.
+
+    Inputs are the final projected features and the moments of the queue the head is exported with;
+    targets are clean (1) vs the cached realistic faults (0) of up to ``cap`` train posts per modality,
+    never the papers' masking; the strength is chosen on val. A modality without cached realistic faults
+    keeps its jointly trained detector. -> per modality what was fitted (empty when nothing was).
+    """
+    quality = _quality_of(model)
+    cfg = getattr(model, "cfg", None)
+    drf_cfg = getattr(cfg, "drf", cfg)
+    if quality is None or not getattr(drf_cfg, "quality_refit", False):
+        return {}
+    model.eval()
+    mean, var = model.queue.moments()  # type: ignore[union-attr, operator]
+    kinds = quality_target_kinds(train)
+    out: dict[str, Any] = {}
+    for m, modality in enumerate(MODALITIES):
+        names = train.corrupted_variants.get(modality) or []
+        marks = kinds[m]
+        fitted = [k for k, ok in enumerate(marks.tolist()) if ok] if marks is not None else []
+        val_names = val.corrupted_variants.get(modality) or []
+        val_fitted = [val_names.index(names[k]) for k in fitted if names[k] in val_names]
+        if not fitted or not val_fitted:
+            continue
+        fit_rows = _detector_rows(model, train, m, fitted, cap, seed=m)
+        val_rows = _detector_rows(model, val, m, val_fitted, cap, seed=m)
+        out[modality] = {**quality.fit_detector(m, fit_rows, val_rows, mean, var),
+                         "kinds": [names[k] for k in fitted]}
+    return out
 
 
 @torch.no_grad()

@@ -478,3 +478,35 @@ def test_a_config_written_before_the_learned_quality_loads_as_distance(tmp_path:
     assert load_serving_head(tmp_path).quality.mode == "distance"
     with pytest.raises(ValueError, match="quality must be one of"):
         QualityEstimator(DRFConfig(quality="knn"))
+
+
+def test_refit_quality_fits_the_detector_on_the_trained_head_and_exports_unchanged(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    train = _table_with_realistic_bank(800)
+    val = train.rows(np.arange(300))
+    cfg = ServingHeadConfig(drf=DRFConfig(quality="learned", quality_refit=True))
+    result = train_model("serving", cfg, train, val, epochs=1, patience=1, progress=False)
+    fit = result.metrics["quality_refit"]
+    assert set(fit) == {"text"} and fit["text"]["kinds"] == ["corrupt_text_delete"]  # never the masking
+    assert fit["text"]["val_auroc"] > 0.95 and fit["text"]["C"] in (0.01, 0.1, 1.0, 10.0)
+    head = result.model.eval()
+    names = ["text", "image", "transcript", "present", "queue_mean", "queue_var"]
+    text, image, transcript = (torch.from_numpy(x[:64]) for x in train.features)
+    mean, var = head.queue.moments()
+    inputs = (torch.full_like(text, -7.0), image, transcript, torch.ones(64, 3), mean, var)
+    with torch.no_grad():
+        want = head(*inputs)
+        clean = head(text, image, transcript, torch.ones(64, 3), mean, var)[1][:, 0]
+    assert float((clean[:, None] > want[1][None, :, 0]).float().mean()) > 0.95
+    path = tmp_path / "head.onnx"
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {n: ({0: batch} if i < 4 else None) for i, n in enumerate(names)}
+    torch.onnx.export(head, inputs, str(path), dynamo=True, dynamic_shapes=dynamic, input_names=names,
+                      output_names=["probs", "quality", "projected"])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
+    off = train_model("serving", ServingHeadConfig(drf=DRFConfig(quality="learned")), train, val, epochs=1,
+                      patience=1, progress=False)
+    assert "quality_refit" not in off.metrics
