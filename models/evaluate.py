@@ -103,6 +103,12 @@ MAIN_METHODS: Final = (
     # the learned quality (a content-fault detector on queue-relative statistics) instead of the distance
     Method("serving_fsrf-learned_quality", "serving", "fsrf", overrides=("drf.quality=learned",)),
     Method("drf-learned_quality", "drf", overrides=("quality=learned",)),
+    # ... its detector refitted on the trained head (logistic regression, strength chosen on val)
+    Method("serving_fsrf-learned_quality_refit", "serving", "fsrf",
+           overrides=("drf.quality=learned", "drf.quality_refit=true")),
+    # ... reported per event (and gating the queue) but not weighting the fusion
+    Method("serving_fsrf-quality_reported_only", "serving", "fsrf",
+           overrides=("drf.quality=learned", "drf.quality_refit=true", "drf.use_quality=false")),
 )
 ABLATION_METHODS: Final = (
     *(Method(f"drf-no_{p}", "drf", ablate=(p,)) for p in DRF_PARTS),

@@ -84,7 +84,8 @@ CONTRACT: Final = (
             "probs": "probabilities of negative, neutral, positive (sum to 1)",
             "present": "modalities the post carried, in text, image, transcript order",
             "recovered": "modalities that were missing and recovered by the head",
-            "quality": "DRF quality weight (0..1) of each present modality",
+            "quality": "DRF quality (0..1) of each present modality: how clean it looks against the model's "
+                       "queue (the shipped head: a learned detector of content loss)",
             "recovery": "the recovery path of the served head (fsrf | drf)",
             "model": "model version (content hash of the export); same as the model-version header",
             "event_ts": "event time of the post, Unix seconds",
