@@ -192,6 +192,8 @@ class QualityEstimator(nn.Module):
         d = cfg.d if d is None else d
         if cfg.quality not in QUALITY_MODES:
             raise ValueError(f"quality must be one of {QUALITY_MODES}, got {cfg.quality!r}")
+        if cfg.quality_refit and cfg.quality != "learned":
+            raise ValueError("quality_refit=true refits the learned detector: it needs quality=learned")
         self.use_quality = cfg.use_quality
         self.use_prior = cfg.use_modality_prior
         self.mode = cfg.quality

@@ -229,7 +229,11 @@ def quality_of(model: nn.Module, view: View) -> Tensor | None:
 
 
 def auroc(clean: np.ndarray, corrupted: np.ndarray) -> float:
-    """P(a clean score > a corrupted score), ties counted half."""
+    """P(a clean score > a corrupted score), ties counted half (Mann-Whitney U / (n_clean * n_corrupted))."""
+    clean = np.asarray(clean, np.float64).ravel()
+    corrupted = np.asarray(corrupted, np.float64).ravel()
+    if clean.size == 0 or corrupted.size == 0:
+        raise ValueError("auroc needs at least one clean and one corrupted score")
     ranks = rankdata(np.concatenate([clean, corrupted]))
     u = ranks[: clean.size].sum() - clean.size * (clean.size + 1) / 2.0
     return float(u / (clean.size * corrupted.size))

@@ -470,6 +470,10 @@ def train_model(
     data = table_view(train)
     label = torch.from_numpy(train.label)
     kinds = quality_target_kinds(train)
+    if _quality_of(model) is not None and not any(k is not None and bool(k.any()) for k in kinds):
+        log.warning("quality=learned but the train split has no cached realistic faults: the detector sees no "
+                    "corrupted example and will rate every input clean (build them with `sentiment-stream data "
+                    "features --corrupt-splits train,val --corrupt-kinds all`; --train-corruption real)")
     val_views = _val_views(val, disruption, stats)
     best_score, best_state, best_epoch, bad = -1.0, None, 0, 0
     history: list[dict[str, float]] = []
@@ -761,11 +765,15 @@ def make_config(name: str, ablate: Sequence[str], overrides: Sequence[str], reco
         if name != "serving":
             raise SystemExit("--recovery applies to the serving head only")
         config.recovery = recovery
-    for part in ablate:
-        apply_ablation(name, config, part)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_config_value(config, key, value)
+    try:
+        for part in ablate:
+            apply_ablation(name, config, part)
+        for item in overrides:
+            key, _, value = item.partition("=")
+            set_config_value(config, key, value)
+        build_model(name, config)  # a config the head refuses fails here, in one line, before any data loads
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
     return config
 
 

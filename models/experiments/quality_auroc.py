@@ -53,11 +53,11 @@ from typing import Any, Final
 
 import numpy as np
 from PIL import Image
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from models.evaluate import auroc
 from stream.service.events import Post
 from stream.service.manifest import Manifest
 from stream.service.scoring import PostScorer
@@ -187,17 +187,6 @@ def knn_distance(h: np.ndarray, rows: np.ndarray, var: np.ndarray, ks: Sequence[
     dist = np.sqrt(np.maximum(sq, 0.0)) / np.sqrt(a.shape[1])
     dist.sort(axis=1)
     return np.stack([dist[:, :k].mean(1) for k in ks], axis=1)
-
-
-def auroc(clean: np.ndarray, corrupted: np.ndarray) -> float:
-    """P(a clean score > a corrupted score), ties counted half (Mann-Whitney U / (n_clean * n_corrupted))."""
-    clean = np.asarray(clean, np.float64).ravel()
-    corrupted = np.asarray(corrupted, np.float64).ravel()
-    if clean.size == 0 or corrupted.size == 0:
-        raise ValueError("auroc needs at least one clean and one corrupted score")
-    ranks = rankdata(np.concatenate([clean, corrupted]))
-    u = ranks[: clean.size].sum() - clean.size * (clean.size + 1) / 2.0
-    return float(u / (clean.size * corrupted.size))
 
 
 def paired_auroc(clean: np.ndarray, corrupted: np.ndarray, weights: np.ndarray | None = None) -> float:

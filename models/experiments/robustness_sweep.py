@@ -68,6 +68,7 @@ from stream.tools.report import (
     compare_reports,
     normalize_predictions,
     served_predictions,
+    strict_json,
 )
 from stream.tools.services import LocalStack, create_topics
 
@@ -741,17 +742,6 @@ def text_cell(
     return cell
 
 
-def _nan_to_none(obj: Any) -> Any:
-    """NaN (an empty group's metric) becomes null: strict JSON readers reject NaN."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
 def _share(m: Mapping[str, Any] | None) -> str:
     if not m or m.get("majority_label") is None:
         return "–"
@@ -891,7 +881,7 @@ def write_text_faults(md_path: Path, info: Mapping[str, Any], cells: Sequence[Ma
         "synthetic_pairing": True,
         "cells": list(cells),
     }
-    md_path.with_suffix(".json").write_text(json.dumps(_nan_to_none(payload), indent=1, allow_nan=False) + "\n")
+    md_path.with_suffix(".json").write_text(json.dumps(strict_json(payload), indent=1, allow_nan=False) + "\n")
     lines = [
         "# Text content faults through the real stream: served vs zero-fill vs text only",
         "",

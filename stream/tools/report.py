@@ -40,6 +40,7 @@ __all__ = [
     "regression_gate",
     "scorer_tables",
     "served_predictions",
+    "strict_json",
     "summarize",
 ]
 
@@ -394,19 +395,19 @@ def build_report(
     result.save(out / "result.json")
     plots = _plots(report, result, out)
     report["plots"] = plots
-    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=1, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report
 
 
-def _strict_json(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
     """NaN (an empty group's metric) becomes null: strict JSON readers reject NaN."""
     if isinstance(obj, float) and obj != obj:
         return None
     if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
+        return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_strict_json(v) for v in obj]
+        return [strict_json(v) for v in obj]
     return obj
 
 
@@ -433,7 +434,7 @@ def compare_reports(
         for scorer, tables in report["metrics"].items():
             rows.append({"x": x, "scorer": scorer, "run_id": report["run"]["run_id"], **tables["overall"]})
     comparison = {"x_label": x_label, "rows": rows}
-    (out / "comparison.json").write_text(json.dumps(_strict_json(comparison), indent=1, allow_nan=False) + "\n")
+    (out / "comparison.json").write_text(json.dumps(strict_json(comparison), indent=1, allow_nan=False) + "\n")
     lines = [
         f"# Robustness across {x_label}",
         "",
@@ -510,7 +511,7 @@ def baseline_record(report: Mapping[str, Any], scorer: str = SERVED, **meta: Any
     Small enough to commit: the demo's first run is the baseline every later run is held to.
     """
     scored = report["metrics"][scorer]
-    return _strict_json({
+    return strict_json({
         "kind": "robustness-baseline",
         "meta": dict(meta),
         "metrics": {scorer: {"overall": scored["overall"], "fault": dict(sorted(scored["fault"].items()))}},

@@ -510,3 +510,19 @@ def test_refit_quality_fits_the_detector_on_the_trained_head_and_exports_unchang
     off = train_model("serving", ServingHeadConfig(drf=DRFConfig(quality="learned")), train, val, epochs=1,
                       patience=1, progress=False)
     assert "quality_refit" not in off.metrics
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("drf.quality=knn", "quality must be one of"),
+        ("drf.quality_refit=true", "needs quality=learned"),
+        ("drf.no_such_field=1", "unknown config field"),
+    ],
+)
+def test_a_config_the_head_refuses_is_a_one_line_error_before_any_data_loads(override: str, message: str) -> None:
+    from models.train import make_config
+
+    with pytest.raises(SystemExit, match=message):
+        make_config("serving", (), (override,), None)
+    assert make_config("serving", (), ("drf.quality=learned", "drf.quality_refit=true"), None).drf.quality_refit
