@@ -23,15 +23,18 @@ The paper's full text was unreachable: the design below is inferred from its sum
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.common import (
+    FEATURE_DIMS,
+    MODALITIES,
     N_MODALITIES,
     Classifier,
     GroupedMLP,
@@ -51,6 +54,7 @@ from stream.service.moments import QUEUE_VAR_FLOOR
 __all__ = [
     "DRF",
     "DRFConfig",
+    "DetectorRows",
     "FeatureQueue",
     "InterModalMapping",
     "QualityEstimator",
@@ -61,6 +65,9 @@ __all__ = [
 ]
 
 QUALITY_MODES = ("distance", "learned")
+# which modalities' learned detectors also read the raw encoder output: none, all, or per modality the
+# input set that generalises best to fault kinds left out of the fit (``auto``, chosen by the refit)
+QUALITY_RAW_MODES = ("none", "all", "auto")
 N_QUEUE_STATS = 15
 Z_CLIP = 8.0
 
@@ -123,6 +130,9 @@ class DRFConfig:
     # learned quality: after training, refit the detector on the final (frozen) projected features and the
     # exported queue's moments by logistic regression, its strength chosen on val (``fit_detector``)
     quality_refit: bool = False
+    # learned quality: the detector reads the modality's raw encoder output beside the queue statistics
+    # ("none" | "all" | "auto": the refit keeps it per modality only where it generalises better)
+    quality_raw: str = "none"
     use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
     use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
     use_sample_loss: bool = True
@@ -184,6 +194,76 @@ class FeatureQueue(nn.Module):
         return torch.stack(means), torch.stack(variances)
 
 
+DETECTOR_STRENGTHS = (0.01, 0.1, 1.0, 10.0)
+
+
+@dataclass
+class DetectorRows:
+    """Rows a learned detector is refitted on: ``h [n,M,d]`` (projected; the modality's column is read),
+    ``kind [n]`` (-1 clean, else the index of the content fault), ``raw [n, FEATURE_DIMS[m]]`` or None."""
+
+    h: Tensor
+    kind: Tensor
+    raw: Tensor | None = None
+
+    @property
+    def target(self) -> np.ndarray:
+        return (self.kind < 0).double().numpy()
+
+    def weights(self, keep: Any = None) -> Any:
+        """Sample weights: each clean row counts once per fault kind present, so both classes weigh alike."""
+        kind = self.kind.numpy()
+        keep = np.ones(len(kind), dtype=bool) if keep is None else keep
+        n_kinds = max(len(set(kind[keep & (kind >= 0)].tolist())), 1)
+        return np.where(kind < 0, float(n_kinds), 1.0)[keep]
+
+
+def _fit_logistic(x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows,
+                  strengths: tuple[float, ...], keep: Any = None) -> tuple[float, float, Any, Any]:
+    """Standardise, fit a logistic regression per strength, keep the best by val AUROC.
+    -> (val AUROC, C, model, scaler)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    x = x_fit if keep is None else x_fit[keep]
+    y = fit.target if keep is None else fit.target[keep]
+    w = fit.weights(keep)
+    scaler = StandardScaler().fit(x, sample_weight=w)
+    z = scaler.transform(x)
+    best: tuple[float, float, Any, Any] | None = None
+    for c in strengths:
+        lr = LogisticRegression(C=c, max_iter=3000).fit(z, y, sample_weight=w)
+        auroc = float(roc_auc_score(val.target, lr.decision_function(scaler.transform(x_val)),
+                                    sample_weight=val.weights()))
+        if best is None or auroc > best[0]:
+            best = (auroc, c, lr, scaler)
+    assert best is not None
+    return best
+
+
+def held_out_kind_auroc(x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows, c: float) -> dict[int, float]:
+    """For each fault kind of ``fit``: val AUROC (clean vs that kind) of a detector fitted without it.
+
+    What the refit of ``quality_raw=auto`` compares: how well an input set carries over to a fault the
+    detector never saw (the papers' masking is never in a fit). Empty with fewer than two kinds."""
+    from sklearn.metrics import roc_auc_score
+
+    kinds = sorted(set(fit.kind.numpy()[fit.kind.numpy() >= 0].tolist()))
+    out: dict[int, float] = {}
+    if len(kinds) < 2:
+        return out
+    fk, vk = fit.kind.numpy(), val.kind.numpy()
+    for k in kinds:
+        if not (vk == k).any():
+            continue
+        _, _, lr, scaler = _fit_logistic(x_fit, fit, x_val, val, (c,), keep=fk != k)
+        rows = (vk < 0) | (vk == k)
+        scores = lr.decision_function(scaler.transform(x_val[rows]))
+        out[int(k)] = round(float(roc_auc_score(val.target[rows], scores)), 4)
+    return out
+
+
 class QualityEstimator(nn.Module):
     """Quality of each modality from its distance to the queue, and the quality-normalised weights."""
 
@@ -194,6 +274,12 @@ class QualityEstimator(nn.Module):
             raise ValueError(f"quality must be one of {QUALITY_MODES}, got {cfg.quality!r}")
         if cfg.quality_refit and cfg.quality != "learned":
             raise ValueError("quality_refit=true refits the learned detector: it needs quality=learned")
+        if cfg.quality_raw not in QUALITY_RAW_MODES:
+            raise ValueError(f"quality_raw must be one of {QUALITY_RAW_MODES}, got {cfg.quality_raw!r}")
+        if cfg.quality_raw != "none" and cfg.quality != "learned":
+            raise ValueError("quality_raw feeds the learned detector: it needs quality=learned")
+        if cfg.quality_raw == "auto" and not cfg.quality_refit:
+            raise ValueError("quality_raw=auto is decided by the refit: it needs quality_refit=true")
         self.use_quality = cfg.use_quality
         self.use_prior = cfg.use_modality_prior
         self.mode = cfg.quality
@@ -205,20 +291,50 @@ class QualityEstimator(nn.Module):
             self.norm = nn.BatchNorm1d(n_in, affine=False)
             self.weight = nn.Parameter(torch.zeros(n_modalities, N_QUEUE_STATS + 2 * d))
             self.bias = nn.Parameter(torch.full((n_modalities,), 2.0))  # starts out trusting every input
+        # the raw encoder output as a second input of each detector (``quality_raw``); a modality whose
+        # raw weights are all zero (``auto`` chose against it) ignores it
+        self.raw_mode = cfg.quality_raw if self.mode == "learned" else "none"
+        self.raw_norm = nn.ModuleList()
+        self.raw_weight = nn.ParameterList()
+        if self.raw_mode != "none":
+            if n_modalities != len(MODALITIES):
+                raise ValueError("quality_raw needs one raw input per modality")
+            for modality in MODALITIES:
+                self.raw_norm.append(nn.BatchNorm1d(FEATURE_DIMS[modality], affine=False))
+                self.raw_weight.append(nn.Parameter(torch.zeros(FEATURE_DIMS[modality])))
 
-    def detector_logit(self, h: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """The learned detector's logit ``[B,M]`` that each row of ``h`` is clean (``quality="learned"``)."""
+    def raw_logit(self, raw: Sequence[Tensor] | None) -> Tensor | None:
+        """The raw inputs' share of the detector logit ``[B,M]`` (None without raw inputs)."""
+        if not len(self.raw_weight) or raw is None:
+            return None
+        parts = [
+            norm(x.detach()) @ weight
+            for norm, weight, x in zip(self.raw_norm, self.raw_weight, raw, strict=True)
+        ]
+        return torch.stack(parts, dim=-1)
+
+    def detector_logit(self, h: Tensor, mean: Tensor, var: Tensor, raw: Sequence[Tensor] | None = None) -> Tensor:
+        """The learned detector's logit ``[B,M]`` that each row of ``h`` is clean (``quality="learned"``).
+
+        ``raw``: per modality the encoder output ``[B, FEATURE_DIMS[m]]`` the row was projected from; read
+        only when the detector has raw inputs (``quality_raw``)."""
         x = queue_statistics(h.detach(), mean, var)
         b, m, f = x.shape
         x = self.norm(x.reshape(b, m * f)).reshape(b, m, f)
-        return (x * self.weight).sum(-1) + self.bias
+        logit = (x * self.weight).sum(-1) + self.bias
+        extra = self.raw_logit(raw)
+        return logit if extra is None else logit + extra
 
-    def forward(self, h: Tensor, available: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """``h [B,M,d]``, ``available [B,M]``, queue ``mean/var [M,d]`` -> (quality, weights) ``[B,M]``."""
+    def forward(
+        self, h: Tensor, available: Tensor, mean: Tensor, var: Tensor, raw: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``h [B,M,d]``, ``available [B,M]``, queue ``mean/var [M,d]`` -> (quality, weights) ``[B,M]``.
+
+        ``raw``: the modalities' encoder outputs (see :meth:`detector_logit`)."""
         # Quality is a measurement: the projector must not learn to make bad inputs look typical, and the
         # learned detector is trained by its own target only (the fusion reads it detached).
         if self.mode == "learned":
-            log_quality = F.logsigmoid(self.detector_logit(h, mean, var)).detach()
+            log_quality = F.logsigmoid(self.detector_logit(h, mean, var, raw)).detach()
         else:
             distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
             log_quality = -F.relu(distance - 1.0) / self.tau
@@ -229,55 +345,91 @@ class QualityEstimator(nn.Module):
         return torch.exp(log_quality), weights
 
     @torch.no_grad()
+    def detector_inputs(self, modality: int, rows: DetectorRows, mean: Tensor, var: Tensor, use_raw: bool) -> Any:
+        """The detector's input matrix (float64 numpy) of ``rows`` for one modality, before standardisation."""
+        x = queue_statistics(rows.h, mean, var)[:, modality].double().numpy()
+        if use_raw:
+            if rows.raw is None:
+                raise ValueError("use_raw needs the rows' raw encoder outputs")
+            x = np.concatenate([x, rows.raw.double().numpy()], axis=1)
+        return x
+
+    @torch.no_grad()
     def fit_detector(
         self,
         modality: int,
-        fit: tuple[Tensor, Tensor],
-        val: tuple[Tensor, Tensor],
+        fit: DetectorRows,
+        val: DetectorRows,
         mean: Tensor,
         var: Tensor,
-        strengths: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0),
-    ) -> dict[str, float]:
+        strengths: tuple[float, ...] = DETECTOR_STRENGTHS,
+        use_raw: bool | None = None,
+    ) -> dict[str, Any]:
         """Refit one modality's detector by logistic regression (clean = 1) on frozen projected features.
 
-        ``fit`` / ``val``: ``(h [n,M,d], target [n])`` rows whose column ``modality`` is the input, target 1
-        clean and 0 corrupted. Standardisation goes into the batch-norm statistics, the coefficients into
-        ``weight`` / ``bias``, so the ONNX graph is unchanged. The strength ``C`` with the best val AUROC wins.
-        -> ``{"C", "val_auroc", "fit_rows"}``.
-        """
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import roc_auc_score
-        from sklearn.preprocessing import StandardScaler
+        ``fit`` / ``val``: rows whose column ``modality`` is the input (:class:`DetectorRows`). Clean rows
+        weigh as much as all the corrupted kinds together (as if repeated once per kind). Standardisation
+        goes into the batch-norm statistics, the coefficients into ``weight`` / ``bias`` (and ``raw_weight``),
+        so the ONNX graph is unchanged. The strength ``C`` with the best val AUROC wins.
 
+        ``use_raw``: read the raw encoder output too (needs raw inputs, ``quality_raw``); ``None``: as
+        ``quality_raw`` says, and for ``auto`` the input set with the better worst held-out-kind val AUROC
+        (:func:`held_out_kind_auroc`). -> ``{"C", "val_auroc", "fit_rows", "raw", ...}``.
+        """
         if self.mode != "learned":
             raise ValueError("only a learned quality has a detector to fit")
+        has_raw = bool(len(self.raw_weight))
+        choice: dict[str, Any] = {}
+        if use_raw is None:
+            use_raw = self.raw_mode == "all"
+            if self.raw_mode == "auto":
+                fits = {raw: _fit_logistic(self.detector_inputs(modality, fit, mean, var, raw), fit,
+                                           self.detector_inputs(modality, val, mean, var, raw), val, strengths)
+                        for raw in (False, True)}
+                held = {raw: held_out_kind_auroc(self.detector_inputs(modality, fit, mean, var, raw), fit,
+                                                 self.detector_inputs(modality, val, mean, var, raw), val,
+                                                 fits[raw][1])
+                        for raw in (False, True)}
+                worst = {raw: min(scores.values()) if scores else fits[raw][0] for raw, scores in held.items()}
+                use_raw = worst[True] > worst[False]
+                choice = {
+                    "held_out_val_auroc": {("raw" if raw else "stats"): scores for raw, scores in held.items()},
+                    "val_auroc_by_input": {("raw" if raw else "stats"): round(fits[raw][0], 4) for raw in fits},
+                }
+        if use_raw and not has_raw:
+            raise ValueError("this detector has no raw inputs (quality_raw=none)")
+        x_fit = self.detector_inputs(modality, fit, mean, var, use_raw)
+        x_val = self.detector_inputs(modality, val, mean, var, use_raw)
+        auroc, c, lr, scaler = _fit_logistic(x_fit, fit, x_val, val, strengths)
         n_stats = self.weight.shape[1]
-        x_fit = queue_statistics(fit[0], mean, var)[:, modality].double().numpy()
-        x_val = queue_statistics(val[0], mean, var)[:, modality].double().numpy()
-        y_fit, y_val = fit[1].numpy(), val[1].numpy()
-        scaler = StandardScaler().fit(x_fit)
-        best: tuple[float, float, Any] | None = None
-        for c in strengths:
-            lr = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x_fit), y_fit)
-            auroc = float(roc_auc_score(y_val, lr.decision_function(scaler.transform(x_val))))
-            if best is None or auroc > best[0]:
-                best = (auroc, c, lr)
-        assert best is not None
-        auroc, c, lr = best
         block = slice(modality * n_stats, (modality + 1) * n_stats)
         assert self.norm.running_mean is not None and self.norm.running_var is not None
-        self.norm.running_mean[block] = torch.as_tensor(scaler.mean_, dtype=torch.float32)
+        mean_ = torch.as_tensor(scaler.mean_, dtype=torch.float32)
         scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
-        self.norm.running_var[block] = (scale * scale - self.norm.eps).clamp_min(0.0)
-        self.weight[modality] = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
+        coef = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
+        self.norm.running_mean[block] = mean_[:n_stats]
+        self.norm.running_var[block] = (scale[:n_stats] ** 2 - self.norm.eps).clamp_min(0.0)
+        self.weight[modality] = coef[:n_stats]
         self.bias[modality] = float(lr.intercept_[0])
-        return {"C": c, "val_auroc": round(auroc, 4), "fit_rows": len(y_fit)}
+        if has_raw:
+            norm: Any = self.raw_norm[modality]
+            if use_raw:
+                norm.running_mean.copy_(mean_[n_stats:])
+                norm.running_var.copy_((scale[n_stats:] ** 2 - norm.eps).clamp_min(0.0))
+                self.raw_weight[modality].copy_(coef[n_stats:])
+            else:
+                norm.running_mean.zero_()
+                norm.running_var.fill_(1.0)
+                self.raw_weight[modality].zero_()
+        return {"C": c, "val_auroc": round(auroc, 4), "fit_rows": len(fit.kind), "raw": bool(use_raw), **choice}
 
-    def loss(self, h: Tensor, mean: Tensor, var: Tensor, target: Tensor | None) -> dict[str, Tensor]:
+    def loss(
+        self, h: Tensor, mean: Tensor, var: Tensor, target: Tensor | None, raw: Sequence[Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """The learned detector's class-balanced BCE against ``target [B,M]`` (NaN: no target); {} otherwise."""
         if self.mode != "learned" or target is None:
             return {}
-        logit = self.detector_logit(h, mean, var)
+        logit = self.detector_logit(h, mean, var, raw)
         known = ~torch.isnan(target)
         bce = F.binary_cross_entropy_with_logits(logit, torch.nan_to_num(target, 0.0), reduction="none")
         parts = [bce[known & (target == cls)].mean() for cls in (1.0, 0.0) if bool((known & (target == cls)).any())]
@@ -319,8 +471,11 @@ def quality_fusion(
     recover: Callable[[Tensor, Tensor], Tensor] | None,
     queue_mean: Tensor,
     queue_var: Tensor,
+    raw: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fill, weigh and fuse projected features ``h [B,M,d]``: the DRF fusion the DRF head and the serving head share.
+
+    ``raw``: the encoder outputs ``h`` was projected from (a learned quality with raw inputs reads them).
 
     With ``recover`` (a missing modality's features from the present ones, ``(h, present) -> [B,M,d]``)
     missing rows are filled and every modality takes part in the fusion; without it a missing modality
@@ -332,7 +487,7 @@ def quality_fusion(
         available = torch.ones_like(present)
     else:
         available = present
-    measured, weights = quality(h, available, queue_mean, queue_var)
+    measured, weights = quality(h, available, queue_mean, queue_var, raw)
     fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
     return fused, measured * present, h
 
@@ -390,7 +545,8 @@ class DRF(nn.Module):
         """-> (logits ``[B,C]``, quality ``[B,M]``, filled projected features ``[B,M,d]``)."""
         recover = self.mapping if self.cfg.use_recovery else None
         fused, quality, h = quality_fusion(
-            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var
+            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var,
+            view.features,
         )
         return self.classifier(fused), quality, h
 
@@ -403,7 +559,7 @@ class DRF(nn.Module):
         queue_mean, queue_var = self.queue.moments()
         logits, _, h = self.fuse(batch.view, queue_mean, queue_var)
         terms = {"ce": F.cross_entropy(logits, batch.label)}
-        terms |= self.quality.loss(h, queue_mean, queue_var, batch.quality_target)
+        terms |= self.quality.loss(h, queue_mean, queue_var, batch.quality_target, batch.view.features)
         h_clean = project_all(self.projectors, batch.clean)
         terms |= drf_losses(self.mapping, h_clean, batch.clean.present, self.queue, self.cfg)
         if self.training:

@@ -109,6 +109,10 @@ MAIN_METHODS: Final = (
     # ... reported per event (and gating the queue) but not weighting the fusion
     Method("serving_fsrf-quality_reported_only", "serving", "fsrf",
            overrides=("drf.quality=learned", "drf.quality_refit=true", "drf.use_quality=false")),
+    # ... whose detector may also read the raw encoder output, per modality where that generalises better
+    Method("serving_fsrf-quality_raw_auto", "serving", "fsrf",
+           overrides=("drf.quality=learned", "drf.quality_refit=true", "drf.use_quality=false",
+                      "drf.quality_raw=auto")),
 )
 ABLATION_METHODS: Final = (
     *(Method(f"drf-no_{p}", "drf", ablate=(p,)) for p in DRF_PARTS),
@@ -537,7 +541,8 @@ def run(args: argparse.Namespace) -> int:
             if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
         ]
         if missing:
-            disruption = TrainDisruption(corruption=args.train_corruption, p_noise=args.p_noise)
+            disruption = TrainDisruption(corruption=args.train_corruption, p_noise=args.p_noise,
+                                         kinds=args.train_corruption_kinds)
             train = load_table(data_dir, train_split)
             val = load_table(data_dir, val_split)
             train, val = load_corrupted(disruption, train, val, data_dir, (train_split, val_split))

@@ -116,7 +116,8 @@ class ServingHead(nn.Module):
     def run(self, view: View, queue_mean: Tensor, queue_var: Tensor) -> HeadOutput:
         recover = self.recover if self.cfg.use_recovery else None
         fused, quality, h = quality_fusion(
-            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var
+            self.quality, project_all(self.projectors, view), view.present, recover, queue_mean, queue_var,
+            view.features,
         )
         return HeadOutput(self.classifier(fused), quality, h, fused)
 
@@ -140,14 +141,15 @@ class ServingHead(nn.Module):
     def compute_loss(self, batch: TrainBatch) -> LossOutput:
         """CE on two disrupted views + DAS + DRF recovery losses + DHF constraints; enqueue clean."""
         queue_mean, queue_var = self.queue.moments()
-        out = self.run(View.stack([batch.view, batch.view_b]), queue_mean, queue_var)
+        views = View.stack([batch.view, batch.view_b])
+        out = self.run(views, queue_mean, queue_var)
         logits_a, logits_b = out.logits.chunk(2)
         fused_a, fused_b = out.fused.chunk(2)
         terms = {"ce": F.cross_entropy(out.logits, batch.label.repeat(2))}
         terms |= das_losses(logits_a, logits_b, fused_a, fused_b, self.cfg.fsrf)
         if batch.quality_target is not None and batch.quality_target_b is not None:
             target = torch.cat([batch.quality_target, batch.quality_target_b])
-            terms |= self.quality.loss(out.projected, queue_mean, queue_var, target)
+            terms |= self.quality.loss(out.projected, queue_mean, queue_var, target, views.features)
         h_clean = project_all(self.projectors, batch.clean)
         available = batch.clean.present
         drf_cfg = dataclasses.replace(self.cfg.drf, use_recovery=self.cfg.use_recovery)

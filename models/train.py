@@ -59,7 +59,7 @@ from models.common import (
     seed_everything,
     set_config_value,
 )
-from models.drf import DRF, DRFConfig, QualityEstimator
+from models.drf import DRF, DetectorRows, DRFConfig, QualityEstimator
 from models.fsrf import FSRF, FSRFConfig
 from models.head import ServingHead, ServingHeadConfig
 from stream.service.settings import get_settings
@@ -236,10 +236,17 @@ class TrainDisruption:
     noise_high: float = 0.8
     corruption: str = "auto"
     p_noise: float = 0.0
+    # the cached content faults training views draw from (``--corrupt-kinds`` syntax; the papers' masking
+    # is always in); "" = every cached kind. The learned quality's refit still sees every cached kind.
+    kinds: str = ""
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTION_SOURCES:
             raise ValueError(f"corruption must be one of {CORRUPTION_SOURCES}, got {self.corruption!r}")
+        if self.kinds:
+            from models.features import parse_corrupt_kinds
+
+            parse_corrupt_kinds(self.kinds)  # an unknown kind is an error here, not after loading
         if not 0.0 <= self.p_noise <= 1.0:
             raise ValueError(f"p_noise must be in [0, 1], got {self.p_noise}")
 
@@ -331,6 +338,24 @@ def disrupt_with_target(
         c = corrupt[:, i : i + 1]
         out.append((c * noisy + (1 - c) * x) * present[:, i : i + 1])
     return View(out[0], out[1], out[2], present), target
+
+
+def restrict_kinds(table: FeatureTable, kinds: str) -> FeatureTable:
+    """``table`` with only the corrupted variants of ``kinds`` (``--corrupt-kinds`` syntax; "" = all)."""
+    if not kinds or not table.corrupted:
+        return table
+    from models.disruptions import corrupt_variant
+    from models.features import parse_corrupt_kinds
+
+    allowed = {corrupt_variant(m, k) for m, ks in parse_corrupt_kinds(kinds).items() for k in ks}
+    banks: dict[str, np.ndarray] = {}
+    names: dict[str, list[str]] = {}
+    for m, variants in table.corrupted_variants.items():
+        keep = [i for i, name in enumerate(variants) if name in allowed]
+        if keep:
+            banks[m] = table.corrupted[m][keep] if len(keep) < len(variants) else table.corrupted[m]
+            names[m] = [variants[i] for i in keep]
+    return dataclasses.replace(table, corrupted=banks, corrupted_variants=names)
 
 
 def quality_target_kinds(table: FeatureTable) -> list[Tensor | None]:
@@ -469,6 +494,9 @@ def train_model(
     gen = torch.Generator().manual_seed(seed)
     data = table_view(train)
     label = torch.from_numpy(train.label)
+    # training views draw from the kinds asked for; the quality refit (below) sees every cached kind
+    full_train, full_val = train, val
+    train, val = restrict_kinds(train, disruption.kinds), restrict_kinds(val, disruption.kinds)
     kinds = quality_target_kinds(train)
     if _quality_of(model) is not None and not any(k is not None and bool(k.any()) for k in kinds):
         log.warning("quality=learned but the train split has no cached realistic faults: the detector sees no "
@@ -534,7 +562,7 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
     queue = build_queue(model, train)
-    quality_fit = refit_quality(model, train, val)
+    quality_fit = refit_quality(model, full_train, full_val)
     clean_m, disrupted_m = evaluate_views(model, val_views, val.label)
     metrics = {
         "model": name,
@@ -562,23 +590,21 @@ def _quality_of(model: nn.Module) -> Any:
 
 def _detector_rows(
     model: nn.Module, table: FeatureTable, m: int, fitted: Sequence[int], cap: int, seed: int
-) -> tuple[Tensor, Tensor]:
-    """Projected rows (column ``m``) of up to ``cap`` posts with modality ``m``: clean (1), each fitted fault (0)."""
+) -> DetectorRows:
+    """Rows of up to ``cap`` posts with modality ``m``: clean (kind -1), then each fitted fault (kind k);
+    projected features in column ``m`` and the raw encoder outputs."""
     rows = np.flatnonzero(table.available[:, m] > 0)
     if len(rows) > cap:
         rows = np.sort(np.random.default_rng(seed).choice(rows, cap, replace=False))
     projector: nn.Module = model.projectors[MODALITIES[m]]  # type: ignore[index, assignment]
     bank = table.corrupted[MODALITIES[m]]
     parts = [table.features[m][rows]] + [bank[k][rows] for k in fitted]
-    h = torch.cat([projector(torch.from_numpy(np.ascontiguousarray(x, np.float32))) for x in parts])
+    raw = torch.cat([torch.from_numpy(np.ascontiguousarray(x, np.float32)) for x in parts])
+    h = projector(raw)
     full = torch.zeros(h.shape[0], N_MODALITIES, h.shape[1])
     full[:, m] = h
-    target = torch.cat([torch.ones(len(rows))] + [torch.zeros(len(rows)) for _ in fitted])
-    # as many clean rows as corrupted ones: repeat the clean block once per fault kind
-    if len(fitted) > 1:
-        full = torch.cat([full[: len(rows)]] * (len(fitted) - 1) + [full])
-        target = torch.cat([target[: len(rows)]] * (len(fitted) - 1) + [target])
-    return full, target
+    kind = torch.cat([torch.full((len(rows),), -1)] + [torch.full((len(rows),), k) for k in fitted])
+    return DetectorRows(full, kind, raw)
 
 
 @torch.no_grad()
@@ -604,13 +630,19 @@ def refit_quality(model: nn.Module, train: FeatureTable, val: FeatureTable, cap:
         marks = kinds[m]
         fitted = [k for k, ok in enumerate(marks.tolist()) if ok] if marks is not None else []
         val_names = val.corrupted_variants.get(modality) or []
-        val_fitted = [val_names.index(names[k]) for k in fitted if names[k] in val_names]
+        to_train = {val_names.index(names[k]): k for k in fitted if names[k] in val_names}
+        val_fitted = list(to_train)
         if not fitted or not val_fitted:
             continue
         fit_rows = _detector_rows(model, train, m, fitted, cap, seed=m)
+        # val kinds numbered as in train, so a held-out kind is the same fault in both
         val_rows = _detector_rows(model, val, m, val_fitted, cap, seed=m)
-        out[modality] = {**quality.fit_detector(m, fit_rows, val_rows, mean, var),
-                         "kinds": [names[k] for k in fitted]}
+        val_rows.kind = torch.tensor([-1 if k < 0 else to_train[int(k)] for k in val_rows.kind.tolist()])
+        fit = quality.fit_detector(m, fit_rows, val_rows, mean, var)
+        for key in ("held_out_val_auroc",):
+            if key in fit:  # kind index -> variant name
+                fit[key] = {inp: {names[int(k)]: v for k, v in scores.items()} for inp, scores in fit[key].items()}
+        out[modality] = {**fit, "kinds": [names[k] for k in fitted]}
     return out
 
 
@@ -757,6 +789,12 @@ def add_corruption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--p-noise", type=float, default=0.0, help="share of really-corrupted cells given feature noise instead"
     )
+    parser.add_argument(
+        "--train-corruption-kinds",
+        default="",
+        help="cached content faults the training views draw from (--corrupt-kinds syntax, masking always in; "
+        "default: every cached kind); a learned quality's refit still fits every cached realistic kind",
+    )
 
 
 def make_config(name: str, ablate: Sequence[str], overrides: Sequence[str], recovery: str | None) -> Any:
@@ -782,7 +820,8 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args.model, args.ablate, args.overrides, args.recovery)
     train_split, val_split, _ = SPLITS[args.split]
     data_dir = args.data_dir or get_settings().data_dir
-    disruption = TrainDisruption(ratio=args.disrupt_ratio, corruption=args.train_corruption, p_noise=args.p_noise)
+    disruption = TrainDisruption(ratio=args.disrupt_ratio, corruption=args.train_corruption, p_noise=args.p_noise,
+                                 kinds=args.train_corruption_kinds)
     if args.synthetic:
         train = synthetic_table(args.synthetic, seed=1)
         val = synthetic_table(max(args.synthetic // 5, 64), seed=2)

@@ -255,15 +255,21 @@ def test_quality_input_changes_the_fusion_weights() -> None:
     assert not torch.allclose(probs_a, probs_b)
 
 
-@pytest.mark.parametrize(("recovery", "quality"), [("fsrf", "distance"), ("drf", "distance"), ("fsrf", "learned")])
+@pytest.mark.parametrize(
+    ("recovery", "quality"),
+    [("fsrf", "distance"), ("drf", "distance"), ("fsrf", "learned"), ("fsrf", "learned+raw")],
+)
 def test_serving_head_exports_to_onnx_with_a_dynamic_batch(recovery: str, quality: str, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    head = ServingHead(ServingHeadConfig(recovery=recovery, drf=DRFConfig(quality=quality)))
-    if quality == "learned":  # a detector with non-trivial weights and running statistics
+    drf = DRFConfig(quality="learned", quality_raw="all") if quality == "learned+raw" else DRFConfig(quality=quality)
+    head = ServingHead(ServingHeadConfig(recovery=recovery, drf=drf))
+    if quality.startswith("learned"):  # a detector with non-trivial weights and running statistics
         head.train()
         with torch.no_grad():
             head.quality.weight.normal_(0.0, 0.3)
+            for weight in head.quality.raw_weight:  # the raw encoder outputs as a second input
+                weight.normal_(0.0, 0.1)
             head(*_serving_inputs(head, 64))
     head.eval()
     names = ["text", "image", "transcript", "present", "queue_mean", "queue_var"]
@@ -512,11 +518,44 @@ def test_refit_quality_fits_the_detector_on_the_trained_head_and_exports_unchang
     assert "quality_refit" not in off.metrics
 
 
+def _table_with_three_text_faults(n: int = 800) -> Any:
+    """Text with the papers' masking and three realistic kinds, each a different damage of the clean row."""
+    table = synthetic_table(n, seed=0)
+    x = table.features[0]
+    rng = np.random.default_rng(1)
+    bank = np.stack([np.full_like(x, 7.0), x + rng.normal(0.0, 2.0, x.shape), 0.3 * x, np.roll(x, 5, axis=1)])
+    names = ["corrupt_text", "corrupt_text_delete", "corrupt_text_truncate", "corrupt_text_typos"]
+    return dataclasses.replace(table, corrupted={"text": bank.astype(np.float32)}, corrupted_variants={"text": names})
+
+
+def test_views_draw_from_the_asked_kinds_and_the_refit_chooses_its_inputs_on_held_out_kinds() -> None:
+    train = _table_with_three_text_faults()
+    val = train.rows(np.arange(300))
+    cfg = ServingHeadConfig(drf=DRFConfig(quality="learned", quality_refit=True, quality_raw="auto"))
+    result = train_model("serving", cfg, train, val, epochs=1, patience=1, progress=False,
+                         disruption=TrainDisruption(kinds="text:delete"))
+    assert result.metrics["corruption"]["train"]["text"] == ["corrupt_text", "corrupt_text_delete"]  # views
+    fit = result.metrics["quality_refit"]["text"]
+    realistic = ["corrupt_text_delete", "corrupt_text_truncate", "corrupt_text_typos"]
+    assert fit["kinds"] == realistic  # the refit: every cached realistic kind, never the masking
+    held = fit["held_out_val_auroc"]
+    assert set(held) == {"stats", "raw"} and all(sorted(scores) == realistic for scores in held.values())
+    worst = {name: min(scores.values()) for name, scores in held.items()}
+    assert fit["raw"] == (worst["raw"] > worst["stats"])  # the better worst held-out kind wins
+    quality = result.model.quality
+    assert bool(quality.raw_weight[0].abs().sum() > 0) == fit["raw"]
+    assert set(result.metrics["quality_refit"]) == {"text"}  # image and transcript have no faults to fit on
+    with pytest.raises(ValueError, match="unknown corruption kind"):
+        TrainDisruption(kinds="text:smudge")
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("drf.quality=knn", "quality must be one of"),
         ("drf.quality_refit=true", "needs quality=learned"),
+        ("drf.quality_raw=all", "needs quality=learned"),
+        ("drf.quality_raw=sometimes", "quality_raw must be one of"),
         ("drf.no_such_field=1", "unknown config field"),
     ],
 )
