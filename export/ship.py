@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from export.onnx_export import INT8_RECORD_FILE, SHIPPED_MODEL_DIR, current_feature_key, int8_record
+from models.disruptions import corrupt_variant
 from models.evaluate import EvalData, evaluate_run, quality_auroc
 from models.train import load_model_dir
 from stream.service.manifest import Manifest, sha256_file
@@ -104,6 +105,11 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
         },
         "test_metrics": headline,
         "quality_auroc": quality,
+        # per modality what the learned detector was refitted on and whether it reads the raw encoder output
+        "quality_fit": {
+            m: {"kinds": fit.get("kinds", []), "raw_input": bool(fit.get("raw", False)), "C": fit.get("C")}
+            for m, fit in (metrics.get("quality_refit") or {}).items()
+        },
         "test_conditions_available": sorted(results),
         "int8": parity.get("int8_gate"),
         "export_model_version": manifest.model_version,
@@ -129,14 +135,26 @@ def card_markdown(card: dict[str, Any]) -> str:
                  f"{counts}; image identities `{data['image_identities']}`")
     encoders = f"features `{card['feature_key']}` (MiniLM-L6, MobileNetV2 weight hashes): `export` refuses others"
     quality = card.get("quality_auroc") or {}
-    quality_rows = "\n".join(f"| {cell} | {value:.3f} |" for cell, value in quality.items())
+    fits = card.get("quality_fit") or {}
+
+    def fitted(cell: str) -> str:
+        modality, _, kind = cell.partition(":")
+        if modality not in fits:
+            return "no refit"
+        return "yes" if corrupt_variant(modality, kind) in fits[modality]["kinds"] else "held out"
+
+    quality_rows = "\n".join(f"| {cell} | {value:.3f} | {fitted(cell)} |" for cell, value in quality.items())
+    inputs = "; ".join(
+        f"{m}: {'queue statistics + raw encoder output' if fit['raw_input'] else 'queue statistics'}"
+        for m, fit in fits.items()
+    )
     quality_part = f"""
 ## Quality AUROC (test split: clean vs content-corrupted input of each modality; 0.5 = cannot tell)
 
-| modality:fault | AUROC |
-|---|---:|
+| modality:fault | AUROC | in the detector's fit |
+|---|---:|---|
 {quality_rows}
-""" if quality else ""
+{f"{chr(10)}Detector inputs: {inputs}.{chr(10)}" if inputs else ""}""" if quality else ""
     data_command = card.get("data_command", DATA_COMMAND)
     return f"""# Model card: the shipped serving head `{card['name']}`
 

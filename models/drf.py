@@ -429,7 +429,8 @@ class QualityEstimator(nn.Module):
         """The learned detector's class-balanced BCE against ``target [B,M]`` (NaN: no target); {} otherwise."""
         if self.mode != "learned" or target is None:
             return {}
-        logit = self.detector_logit(h, mean, var, raw)
+        # raw inputs are trained jointly only with quality_raw=all; with auto the refit alone decides them
+        logit = self.detector_logit(h, mean, var, raw if self.raw_mode == "all" else None)
         known = ~torch.isnan(target)
         bce = F.binary_cross_entropy_with_logits(logit, torch.nan_to_num(target, 0.0), reduction="none")
         parts = [bce[known & (target == cls)].mean() for cls in (1.0, 0.0) if bool((known & (target == cls)).any())]

@@ -608,13 +608,16 @@ def _detector_rows(
 
 
 @torch.no_grad()
-def refit_quality(model: nn.Module, train: FeatureTable, val: FeatureTable, cap: int = 6000) -> dict[str, Any]:
+def refit_quality(
+    model: nn.Module, train: FeatureTable, val: FeatureTable, cap: int = 6000, use_raw: bool | None = None
+) -> dict[str, Any]:
     """With ``quality="learned"`` and ``quality_refit``: refit each modality's detector on the trained head.
 
     Inputs are the final projected features and the moments of the queue the head is exported with;
     targets are clean (1) vs the cached realistic faults (0) of up to ``cap`` train posts per modality,
     never the papers' masking; the strength is chosen on val. A modality without cached realistic faults
-    keeps its jointly trained detector. -> per modality what was fitted (empty when nothing was).
+    keeps its jointly trained detector. ``use_raw`` forces the detector inputs (None: as ``quality_raw``
+    says; see :meth:`QualityEstimator.fit_detector`). -> per modality what was fitted (empty when nothing was).
     """
     quality = _quality_of(model)
     cfg = getattr(model, "cfg", None)
@@ -638,7 +641,7 @@ def refit_quality(model: nn.Module, train: FeatureTable, val: FeatureTable, cap:
         # val kinds numbered as in train, so a held-out kind is the same fault in both
         val_rows = _detector_rows(model, val, m, val_fitted, cap, seed=m)
         val_rows.kind = torch.tensor([-1 if k < 0 else to_train[int(k)] for k in val_rows.kind.tolist()])
-        fit = quality.fit_detector(m, fit_rows, val_rows, mean, var)
+        fit = quality.fit_detector(m, fit_rows, val_rows, mean, var, use_raw=use_raw)
         for key in ("held_out_val_auroc",):
             if key in fit:  # kind index -> variant name
                 fit[key] = {inp: {names[int(k)]: v for k, v in scores.items()} for inp, scores in fit[key].items()}

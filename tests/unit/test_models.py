@@ -31,6 +31,7 @@ from models.train import (
     disrupt,
     disrupt_with_target,
     quality_target_kinds,
+    refit_quality,
     synthetic_table,
     train_model,
 )
@@ -545,6 +546,9 @@ def test_views_draw_from_the_asked_kinds_and_the_refit_chooses_its_inputs_on_hel
     quality = result.model.quality
     assert bool(quality.raw_weight[0].abs().sum() > 0) == fit["raw"]
     assert set(result.metrics["quality_refit"]) == {"text"}  # image and transcript have no faults to fit on
+    for use_raw in (True, False):  # either input set can be forced (models/experiments/quality_inputs.py)
+        assert refit_quality(result.model, train, val, use_raw=use_raw)["text"]["raw"] is use_raw
+        assert bool(quality.raw_weight[0].abs().sum() > 0) is use_raw
     with pytest.raises(ValueError, match="unknown corruption kind"):
         TrainDisruption(kinds="text:smudge")
 
