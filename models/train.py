@@ -497,6 +497,8 @@ def train_model(
     # training views draw from the kinds asked for; the quality refit (below) sees every cached kind
     full_train, full_val = train, val
     train, val = restrict_kinds(train, disruption.kinds), restrict_kinds(val, disruption.kinds)
+    if disruption.kinds:
+        log.info("training views draw from %s", {m: train.corrupted_variants.get(m) for m in MODALITIES})
     kinds = quality_target_kinds(train)
     if _quality_of(model) is not None and not any(k is not None and bool(k.any()) for k in kinds):
         log.warning("quality=learned but the train split has no cached realistic faults: the detector sees no "

@@ -10,7 +10,7 @@ cached realistic faults (every ``corrupt_*`` variant of the train split but the 
 * ``stats`` — the queue statistics of the projected feature only (what ``quality_raw=none`` fits);
 * ``raw`` — the statistics and the modality's raw encoder output;
 * ``auto`` — per modality whichever of the two has the better worst val AUROC over fault kinds left out
-  of its fit (what ``quality_raw=auto`` ships).
+  of its fit (what ``quality_raw=auto`` ships; a run trained with it is scored as it is, not refitted).
 
 Each is scored by :func:`models.evaluate.quality_auroc` on the test split: clean vs the cached corrupted
 input of every test post, per ``modality:kind``, the papers' masking included (never in a fit). Writes
@@ -51,10 +51,15 @@ def measure(run: Path, data_dir: Path, test: EvalData) -> dict[str, Any]:
     train = attach_corrupted(load_table(data_dir, "train"), data_dir, "train")
     val = attach_corrupted(load_table(data_dir, "val"), data_dir, "val")
     out: dict[str, Any] = {"run": str(run), "auroc": {}, "fit": {}, "seconds": {}}
+    trained = json.loads((run / "metrics.json").read_text()).get("quality_refit") or {}
+    auto_trained = json.loads((run / "config.json").read_text())["config"].get("drf", {}).get("quality_raw") == "auto"
     for name in INPUTS:
         head = copy.deepcopy(model)
         started = time.perf_counter()
-        fit = refit_quality(head, train, val, use_raw={"stats": False, "raw": True, "auto": None}[name])
+        if name == "auto" and auto_trained:  # the run's own refit is this one: score the head as trained
+            fit = trained
+        else:
+            fit = refit_quality(head, train, val, use_raw={"stats": False, "raw": True, "auto": None}[name])
         out["seconds"][name] = round(time.perf_counter() - started, 1)
         out["fit"][name] = fit
         out["auroc"][name] = {k: round(v, 4) for k, v in quality_auroc(head, test).items()}
