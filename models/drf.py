@@ -130,8 +130,9 @@ class DRFConfig:
     # learned quality: after training, refit the detector on the final (frozen) projected features and the
     # exported queue's moments by logistic regression, its strength chosen on val (``fit_detector``)
     quality_refit: bool = False
-    # learned quality: the detector reads the modality's raw encoder output beside the queue statistics
-    # ("none" | "all" | "auto": the refit keeps it per modality only where it generalises better)
+    # learned quality: a second detector reads the modality's raw encoder output beside the queue statistics
+    # ("none" | "all": it alone | "auto": the refit blends the two per modality, the blend that generalises
+    # best to fault kinds left out of the fit)
     quality_raw: str = "none"
     use_modality_prior: bool = True  # learned per-modality bias on the fusion logits
     use_recovery: bool = True  # off: a missing modality is dropped from the fusion (zero weight)
@@ -195,6 +196,14 @@ class FeatureQueue(nn.Module):
 
 
 DETECTOR_STRENGTHS = (0.01, 0.1, 1.0, 10.0)
+# quality_raw=auto: the shares of the raw-reading detector in the blended logit the refit chooses among
+# (0 = the queue-statistics detector alone, 1 = the one that also reads the raw encoder output alone)
+RAW_BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
+STD_FLOOR = 1e-4  # detector input columns with a smaller spread are treated as constant
+
+
+def _blend_name(share: float) -> str:
+    return "stats" if share == 0 else "raw" if share == 1 else f"blend {share:g}"
 
 
 @dataclass
@@ -218,8 +227,9 @@ class DetectorRows:
         return np.where(kind < 0, float(n_kinds), 1.0)[keep]
 
 
-def _fit_logistic(x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows,
-                  strengths: tuple[float, ...], keep: Any = None) -> tuple[float, float, Any, Any]:
+def _fit_logistic(
+    x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows, strengths: tuple[float, ...], keep: Any = None
+) -> tuple[float, float, Any, Any]:
     """Standardise, fit a logistic regression per strength, keep the best by val AUROC.
     -> (val AUROC, C, model, scaler)."""
     from sklearn.linear_model import LogisticRegression
@@ -230,37 +240,48 @@ def _fit_logistic(x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows,
     y = fit.target if keep is None else fit.target[keep]
     w = fit.weights(keep)
     scaler = StandardScaler().fit(x, sample_weight=w)
-    z = scaler.transform(x)
+    # a (near-)constant column carries no signal, only float noise: standardising by its ~0 spread would
+    # blow that noise up; leave such columns unscaled
+    scaler.scale_ = np.where(scaler.scale_ < STD_FLOOR, 1.0, scaler.scale_)
+    z, z_val = scaler.transform(x), scaler.transform(x_val)
     best: tuple[float, float, Any, Any] | None = None
     for c in strengths:
         lr = LogisticRegression(C=c, max_iter=3000).fit(z, y, sample_weight=w)
-        auroc = float(roc_auc_score(val.target, lr.decision_function(scaler.transform(x_val)),
-                                    sample_weight=val.weights()))
+        auroc = float(roc_auc_score(val.target, lr.decision_function(z_val), sample_weight=val.weights()))
         if best is None or auroc > best[0]:
             best = (auroc, c, lr, scaler)
     assert best is not None
     return best
 
 
-def held_out_kind_auroc(x_fit: Any, fit: DetectorRows, x_val: Any, val: DetectorRows, c: float) -> dict[int, float]:
-    """For each fault kind of ``fit``: val AUROC (clean vs that kind) of a detector fitted without it.
+def held_out_kind_auroc(
+    inputs: tuple[Any, Any], fit: DetectorRows, val_inputs: tuple[Any, Any], val: DetectorRows,
+    strengths: tuple[float, float], blends: tuple[float, ...],
+) -> dict[float, dict[int, float]]:
+    """Per blend share and fault kind of ``fit``: val AUROC (clean vs that kind) of the blended detector
+    fitted without that kind. ``inputs`` / ``val_inputs``: (statistics-only, statistics + raw) matrices;
+    ``strengths``: the C of each detector's full fit.
 
-    What the refit of ``quality_raw=auto`` compares: how well an input set carries over to a fault the
-    detector never saw (the papers' masking is never in a fit). Empty with fewer than two kinds."""
+    What the refit of ``quality_raw=auto`` compares: how well a detector carries over to a fault it never
+    saw (the papers' masking is never in a fit). Empty with fewer than two kinds."""
     from sklearn.metrics import roc_auc_score
 
-    kinds = sorted(set(fit.kind.numpy()[fit.kind.numpy() >= 0].tolist()))
-    out: dict[int, float] = {}
+    fk, vk = fit.kind.numpy(), val.kind.numpy()
+    kinds = sorted(set(fk[fk >= 0].tolist()))
+    out: dict[float, dict[int, float]] = {share: {} for share in blends}
     if len(kinds) < 2:
         return out
-    fk, vk = fit.kind.numpy(), val.kind.numpy()
     for k in kinds:
+        rows = (vk < 0) | (vk == k)
         if not (vk == k).any():
             continue
-        _, _, lr, scaler = _fit_logistic(x_fit, fit, x_val, val, (c,), keep=fk != k)
-        rows = (vk < 0) | (vk == k)
-        scores = lr.decision_function(scaler.transform(x_val[rows]))
-        out[int(k)] = round(float(roc_auc_score(val.target[rows], scores)), 4)
+        scores = []
+        for x_fit, x_val, c in zip(inputs, val_inputs, strengths, strict=True):
+            _, _, lr, scaler = _fit_logistic(x_fit, fit, x_val, val, (c,), keep=fk != k)
+            scores.append(lr.decision_function(scaler.transform(x_val[rows])))
+        for share in blends:
+            blended = (1 - share) * scores[0] + share * scores[1]
+            out[share][int(k)] = round(float(roc_auc_score(val.target[rows], blended)), 4)
     return out
 
 
@@ -363,65 +384,95 @@ class QualityEstimator(nn.Module):
         mean: Tensor,
         var: Tensor,
         strengths: tuple[float, ...] = DETECTOR_STRENGTHS,
-        use_raw: bool | None = None,
+        use_raw: bool | float | None = None,
     ) -> dict[str, Any]:
         """Refit one modality's detector by logistic regression (clean = 1) on frozen projected features.
 
         ``fit`` / ``val``: rows whose column ``modality`` is the input (:class:`DetectorRows`). Clean rows
-        weigh as much as all the corrupted kinds together (as if repeated once per kind). Standardisation
-        goes into the batch-norm statistics, the coefficients into ``weight`` / ``bias`` (and ``raw_weight``),
-        so the ONNX graph is unchanged. The strength ``C`` with the best val AUROC wins.
+        weigh as much as all the corrupted kinds together (as if repeated once per kind). Two detectors are
+        fitted, one on the queue statistics alone and, with raw inputs, one on the statistics and the raw
+        encoder output; the served logit is the blend ``(1 - share) * stats + share * raw`` — linear in the
+        same inputs, so standardisation goes into the batch-norm statistics and the blended coefficients into
+        ``weight`` / ``bias`` / ``raw_weight``: the ONNX graph is unchanged. Each detector's strength ``C`` is
+        chosen by its val AUROC.
 
-        ``use_raw``: read the raw encoder output too (needs raw inputs, ``quality_raw``); ``None``: as
-        ``quality_raw`` says, and for ``auto`` the input set with the better worst held-out-kind val AUROC
-        (:func:`held_out_kind_auroc`). -> ``{"C", "val_auroc", "fit_rows", "raw", ...}``.
+        ``use_raw``: the raw detector's ``share`` — ``False``/0: statistics only; ``True``/1: the raw
+        detector alone; ``None``: as ``quality_raw`` says (none 0, all 1), and for ``auto`` the share of
+        :data:`RAW_BLENDS` whose worst held-out-kind val AUROC is best (:func:`held_out_kind_auroc`; ties go to
+        the smaller share). -> ``{"C", "val_auroc", "fit_rows", "raw", "raw_share", ...}``.
         """
         if self.mode != "learned":
             raise ValueError("only a learned quality has a detector to fit")
         has_raw = bool(len(self.raw_weight))
-        choice: dict[str, Any] = {}
-        if use_raw is None:
-            use_raw = self.raw_mode == "all"
-            if self.raw_mode == "auto":
-                fits = {raw: _fit_logistic(self.detector_inputs(modality, fit, mean, var, raw), fit,
-                                           self.detector_inputs(modality, val, mean, var, raw), val, strengths)
-                        for raw in (False, True)}
-                held = {raw: held_out_kind_auroc(self.detector_inputs(modality, fit, mean, var, raw), fit,
-                                                 self.detector_inputs(modality, val, mean, var, raw), val,
-                                                 fits[raw][1])
-                        for raw in (False, True)}
-                worst = {raw: min(scores.values()) if scores else fits[raw][0] for raw, scores in held.items()}
-                use_raw = worst[True] > worst[False]
-                choice = {
-                    "held_out_val_auroc": {("raw" if raw else "stats"): scores for raw, scores in held.items()},
-                    "val_auroc_by_input": {("raw" if raw else "stats"): round(fits[raw][0], 4) for raw in fits},
-                }
-        if use_raw and not has_raw:
-            raise ValueError("this detector has no raw inputs (quality_raw=none)")
-        x_fit = self.detector_inputs(modality, fit, mean, var, use_raw)
-        x_val = self.detector_inputs(modality, val, mean, var, use_raw)
-        auroc, c, lr, scaler = _fit_logistic(x_fit, fit, x_val, val, strengths)
         n_stats = self.weight.shape[1]
+        auto = use_raw is None and self.raw_mode == "auto"
+        share = float(use_raw) if use_raw is not None else 1.0 if self.raw_mode == "all" else 0.0
+        if (share > 0 or auto) and not has_raw:
+            raise ValueError("this detector has no raw inputs (quality_raw=none)")
+        x_fit = [self.detector_inputs(modality, fit, mean, var, False)]
+        x_val = [self.detector_inputs(modality, val, mean, var, False)]
+        fits = [_fit_logistic(x_fit[0], fit, x_val[0], val, strengths)]
+        if share > 0 or auto:
+            x_fit.append(self.detector_inputs(modality, fit, mean, var, True))
+            x_val.append(self.detector_inputs(modality, val, mean, var, True))
+            fits.append(_fit_logistic(x_fit[1], fit, x_val[1], val, strengths))
+        choice: dict[str, Any] = {}
+        if auto:
+            held = held_out_kind_auroc(
+                (x_fit[0], x_fit[1]), fit, (x_val[0], x_val[1]), val, (fits[0][1], fits[1][1]), RAW_BLENDS
+            )
+            worst = {k: min(v.values()) if v else 0.0 for k, v in held.items()}
+            share = max(RAW_BLENDS, key=lambda k: (worst[k], -k))
+            choice = {"held_out_val_auroc": {_blend_name(k): v for k, v in held.items()}}
+        scores = [lr.decision_function(scaler.transform(x)) for (_, _, lr, scaler), x in zip(fits, x_val, strict=False)]
+        blended = (1 - share) * scores[0] + (share * scores[1] if share > 0 else 0.0)
+        from sklearn.metrics import roc_auc_score
+
+        auroc = float(roc_auc_score(val.target, blended, sample_weight=val.weights()))
+        # the blend of two linear detectors on standardised inputs is one linear detector: the statistics'
+        # standardisation is the same in both fits (same columns, same rows), the raw block only in the second
+        _, c_stats, lr_stats, scaler_stats = fits[0]
+        coef = (1 - share) * torch.as_tensor(lr_stats.coef_[0], dtype=torch.float64)
+        bias = (1 - share) * float(lr_stats.intercept_[0])
+        raw_coef = None
+        if share > 0:
+            _, _, lr_raw, scaler_raw = fits[1]
+            if not np.allclose(scaler_raw.mean_[:n_stats], scaler_stats.mean_) or not np.allclose(
+                scaler_raw.scale_[:n_stats], scaler_stats.scale_
+            ):
+                raise AssertionError("the two fits standardised the queue statistics differently")
+            coef = coef + share * torch.as_tensor(lr_raw.coef_[0][:n_stats], dtype=torch.float64)
+            raw_coef = share * torch.as_tensor(lr_raw.coef_[0][n_stats:], dtype=torch.float64)
+            bias += share * float(lr_raw.intercept_[0])
+        # batch norm divides by sqrt(var + eps): keep var = std^2 and fold sqrt(std^2 + eps) / std into the
+        # weights, so the head computes exactly the fitted logit whatever a column's spread
         block = slice(modality * n_stats, (modality + 1) * n_stats)
         assert self.norm.running_mean is not None and self.norm.running_var is not None
-        mean_ = torch.as_tensor(scaler.mean_, dtype=torch.float32)
-        scale = torch.as_tensor(scaler.scale_, dtype=torch.float32)
-        coef = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
-        self.norm.running_mean[block] = mean_[:n_stats]
-        self.norm.running_var[block] = (scale[:n_stats] ** 2 - self.norm.eps).clamp_min(0.0)
-        self.weight[modality] = coef[:n_stats]
-        self.bias[modality] = float(lr.intercept_[0])
+        std = torch.as_tensor(scaler_stats.scale_, dtype=torch.float64)
+        self.norm.running_mean[block] = torch.as_tensor(scaler_stats.mean_, dtype=torch.float32)
+        self.norm.running_var[block] = (std**2).float()
+        self.weight[modality] = (coef * torch.sqrt(std**2 + self.norm.eps) / std).float()
+        self.bias[modality] = bias
         if has_raw:
             norm: Any = self.raw_norm[modality]
-            if use_raw:
-                norm.running_mean.copy_(mean_[n_stats:])
-                norm.running_var.copy_((scale[n_stats:] ** 2 - norm.eps).clamp_min(0.0))
-                self.raw_weight[modality].copy_(coef[n_stats:])
+            if raw_coef is not None:
+                raw_std = torch.as_tensor(fits[1][3].scale_[n_stats:], dtype=torch.float64)
+                norm.running_mean.copy_(torch.as_tensor(fits[1][3].mean_[n_stats:], dtype=torch.float32))
+                norm.running_var.copy_((raw_std**2).float())
+                self.raw_weight[modality].copy_((raw_coef * torch.sqrt(raw_std**2 + norm.eps) / raw_std).float())
             else:
                 norm.running_mean.zero_()
                 norm.running_var.fill_(1.0)
                 self.raw_weight[modality].zero_()
-        return {"C": c, "val_auroc": round(auroc, 4), "fit_rows": len(fit.kind), "raw": bool(use_raw), **choice}
+        return {
+            "C": c_stats,
+            "C_raw": fits[1][1] if len(fits) > 1 else None,
+            "val_auroc": round(auroc, 4),
+            "fit_rows": len(fit.kind),
+            "raw": share > 0,
+            "raw_share": share,
+            **choice,
+        }
 
     def loss(
         self, h: Tensor, mean: Tensor, var: Tensor, target: Tensor | None, raw: Sequence[Tensor] | None = None

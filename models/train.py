@@ -611,15 +611,16 @@ def _detector_rows(
 
 @torch.no_grad()
 def refit_quality(
-    model: nn.Module, train: FeatureTable, val: FeatureTable, cap: int = 6000, use_raw: bool | None = None
+    model: nn.Module, train: FeatureTable, val: FeatureTable, cap: int = 6000, use_raw: bool | float | None = None
 ) -> dict[str, Any]:
     """With ``quality="learned"`` and ``quality_refit``: refit each modality's detector on the trained head.
 
     Inputs are the final projected features and the moments of the queue the head is exported with;
     targets are clean (1) vs the cached realistic faults (0) of up to ``cap`` train posts per modality,
     never the papers' masking; the strength is chosen on val. A modality without cached realistic faults
-    keeps its jointly trained detector. ``use_raw`` forces the detector inputs (None: as ``quality_raw``
-    says; see :meth:`QualityEstimator.fit_detector`). -> per modality what was fitted (empty when nothing was).
+    keeps its jointly trained detector. ``use_raw`` forces the detector inputs: the raw encoder output's
+    scale, 0 / False = queue statistics only, 1 / True = raw at full weight (None: as ``quality_raw`` says; see
+    :meth:`QualityEstimator.fit_detector`). -> per modality what was fitted (empty when nothing was).
     """
     quality = _quality_of(model)
     cfg = getattr(model, "cfg", None)

@@ -4,13 +4,15 @@
 
 Each ``RUN`` is a trained model dir of a head with a learned, refitted quality whose detector has raw
 inputs (``drf.quality=learned``, ``drf.quality_refit=true``, ``drf.quality_raw=auto`` or ``all``). For every
-run the detector is refitted three ways on the same frozen head, the same train/val rows and the same
+run the detector is refitted six ways on the same frozen head, the same train/val rows and the same
 cached realistic faults (every ``corrupt_*`` variant of the train split but the papers' masking):
 
-* ``stats`` — the queue statistics of the projected feature only (what ``quality_raw=none`` fits);
-* ``raw`` — the statistics and the modality's raw encoder output;
-* ``auto`` — per modality whichever of the two has the better worst val AUROC over fault kinds left out
-  of its fit (what ``quality_raw=auto`` ships; a run trained with it is scored as it is, not refitted).
+* ``stats`` — a detector on the queue statistics of the projected feature only (what ``quality_raw=none``
+  fits);
+* ``raw`` — a detector on the statistics and the modality's raw encoder output;
+* ``blend 0.25`` / ``0.5`` / ``0.75`` — the logit ``(1 - share) * stats + share * raw`` of the two;
+* ``auto`` — per modality the share (0, 0.25, 0.5, 0.75, 1) with the best worst val AUROC over fault kinds
+  left out of the fit (what ``quality_raw=auto`` ships).
 
 Each is scored by :func:`models.evaluate.quality_auroc` on the test split: clean vs the cached corrupted
 input of every test post, per ``modality:kind``, the papers' masking included (never in a fit). Writes
@@ -36,7 +38,10 @@ from models.train import attach_corrupted, load_model_dir, load_table, refit_qua
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("stats", "raw", "auto")
+# input set -> the refit's use_raw: the raw-reading detector's share of the blend (0: statistics only), None: auto
+INPUTS: dict[str, float | None] = {
+    "stats": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "raw": 1.0, "auto": None
+}
 # the bar of docs/robustness/quality.md: the papers' masking 0.90, every realistic kind 0.75
 MASK_BAR, REALISTIC_BAR = 0.90, 0.75
 
@@ -51,15 +56,10 @@ def measure(run: Path, data_dir: Path, test: EvalData) -> dict[str, Any]:
     train = attach_corrupted(load_table(data_dir, "train"), data_dir, "train")
     val = attach_corrupted(load_table(data_dir, "val"), data_dir, "val")
     out: dict[str, Any] = {"run": str(run), "auroc": {}, "fit": {}, "seconds": {}}
-    trained = json.loads((run / "metrics.json").read_text()).get("quality_refit") or {}
-    auto_trained = json.loads((run / "config.json").read_text())["config"].get("drf", {}).get("quality_raw") == "auto"
-    for name in INPUTS:
+    for name, use_raw in INPUTS.items():
         head = copy.deepcopy(model)
         started = time.perf_counter()
-        if name == "auto" and auto_trained:  # the run's own refit is this one: score the head as trained
-            fit = trained
-        else:
-            fit = refit_quality(head, train, val, use_raw={"stats": False, "raw": True, "auto": None}[name])
+        fit = refit_quality(head, train, val, use_raw=use_raw)
         out["seconds"][name] = round(time.perf_counter() - started, 1)
         out["fit"][name] = fit
         out["auroc"][name] = {k: round(v, 4) for k, v in quality_auroc(head, test).items()}
@@ -87,7 +87,7 @@ def markdown(summary: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         rows.append(f"| {name} | " + " | ".join(text) + f" | {summary['cells_at_bar'][name]} of {len(cells)} |")
     chosen = [
         f"{Path(r['run']).name}: "
-        + ", ".join(f"{m} {'raw' if f.get('raw') else 'stats'}" for m, f in r["fit"]["auto"].items())
+        + ", ".join(f"{m} raw share {f.get('raw_share', 0):g}" for m, f in r["fit"]["auto"].items())
         for r in runs
     ]
     return "\n".join([head, rule, bars, *rows, "", "`auto` chose: " + "; ".join(chosen), ""])

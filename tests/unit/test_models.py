@@ -525,6 +525,9 @@ def _table_with_three_text_faults(n: int = 800) -> Any:
     x = table.features[0]
     rng = np.random.default_rng(1)
     bank = np.stack([np.full_like(x, 7.0), x + rng.normal(0.0, 2.0, x.shape), 0.3 * x, np.roll(x, 5, axis=1)])
+    # a near-constant column, as real encoder outputs have: its float noise must not become a signal
+    x[:, 0] = 0.5 + 1e-9 * rng.normal(size=n)
+    bank[1:, :, 0] = 0.5 + 1e-9 * rng.normal(size=(3, n))
     names = ["corrupt_text", "corrupt_text_delete", "corrupt_text_truncate", "corrupt_text_typos"]
     return dataclasses.replace(table, corrupted={"text": bank.astype(np.float32)}, corrupted_variants={"text": names})
 
@@ -540,15 +543,30 @@ def test_views_draw_from_the_asked_kinds_and_the_refit_chooses_its_inputs_on_hel
     realistic = ["corrupt_text_delete", "corrupt_text_truncate", "corrupt_text_typos"]
     assert fit["kinds"] == realistic  # the refit: every cached realistic kind, never the masking
     held = fit["held_out_val_auroc"]
-    assert set(held) == {"stats", "raw"} and all(sorted(scores) == realistic for scores in held.values())
+    names = {0.0: "stats", 0.25: "blend 0.25", 0.5: "blend 0.5", 0.75: "blend 0.75", 1.0: "raw"}
+    assert set(held) == set(names.values())  # the raw-reading detector's share of the blend, 0 to 1
+    assert all(sorted(scores) == realistic for scores in held.values())
     worst = {name: min(scores.values()) for name, scores in held.items()}
-    assert fit["raw"] == (worst["raw"] > worst["stats"])  # the better worst held-out kind wins
+    assert worst[names[fit["raw_share"]]] == max(worst.values())  # the best worst held-out kind wins
     quality = result.model.quality
-    assert bool(quality.raw_weight[0].abs().sum() > 0) == fit["raw"]
+    assert bool(quality.raw_weight[0].abs().sum() > 0) == fit["raw"] == (fit["raw_share"] > 0)
     assert set(result.metrics["quality_refit"]) == {"text"}  # image and transcript have no faults to fit on
     for use_raw in (True, False):  # either input set can be forced (models/experiments/quality_inputs.py)
         assert refit_quality(result.model, train, val, use_raw=use_raw)["text"]["raw"] is use_raw
         assert bool(quality.raw_weight[0].abs().sum() > 0) is use_raw
+    # the head computes the fitted blend exactly: its own logit ranks the val rows as the fit reported
+    from sklearn.metrics import roc_auc_score
+
+    from models.train import _detector_rows
+
+    fit = refit_quality(result.model, train, val, use_raw=0.5)["text"]
+    rows = _detector_rows(result.model, val, 0, [1, 2, 3], 6000, seed=0)
+    mean, var = result.model.queue.moments()
+    n = len(rows.kind)
+    with torch.no_grad():
+        logit = quality.detector_logit(rows.h, mean, var, [rows.raw, torch.zeros(n, 1280), torch.zeros(n, 384)])
+    got = roc_auc_score(rows.target, logit[:, 0].double().numpy(), sample_weight=rows.weights())
+    assert abs(got - fit["val_auroc"]) < 1e-3
     with pytest.raises(ValueError, match="unknown corruption kind"):
         TrainDisruption(kinds="text:smudge")
 
