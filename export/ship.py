@@ -107,7 +107,12 @@ def ship(model_dir: Path, export_dir: Path, data_dir: Path, out: Path, command: 
         "quality_auroc": quality,
         # per modality what the learned detector was refitted on and whether it reads the raw encoder output
         "quality_fit": {
-            m: {"kinds": fit.get("kinds", []), "raw_input": bool(fit.get("raw", False)), "C": fit.get("C")}
+            m: {
+                "kinds": fit.get("kinds", []),
+                "raw_input": bool(fit.get("raw", False)),
+                "raw_share": fit.get("raw_share", 1.0 if fit.get("raw") else 0.0),
+                "C": fit.get("C"),
+            }
             for m, fit in (metrics.get("quality_refit") or {}).items()
         },
         "test_conditions_available": sorted(results),
@@ -144,10 +149,16 @@ def card_markdown(card: dict[str, Any]) -> str:
         return "yes" if corrupt_variant(modality, kind) in fits[modality]["kinds"] else "held out"
 
     quality_rows = "\n".join(f"| {cell} | {value:.3f} | {fitted(cell)} |" for cell, value in quality.items())
-    inputs = "; ".join(
-        f"{m}: {'queue statistics + raw encoder output' if fit['raw_input'] else 'queue statistics'}"
-        for m, fit in fits.items()
-    )
+    def detector(fit: dict[str, Any]) -> str:
+        share = float(fit.get("raw_share", 1.0 if fit["raw_input"] else 0.0))
+        if share <= 0:
+            return "the queue-statistics detector"
+        if share >= 1:
+            return "the detector on queue statistics + raw encoder output"
+        return (f"{1 - share:g} × the queue-statistics detector + {share:g} × the one on queue statistics + raw "
+                "encoder output")
+
+    inputs = "; ".join(f"{m}: {detector(fit)}" for m, fit in fits.items())
     quality_part = f"""
 ## Quality AUROC (test split: clean vs content-corrupted input of each modality; 0.5 = cannot tell)
 
