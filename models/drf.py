@@ -65,8 +65,8 @@ __all__ = [
 ]
 
 QUALITY_MODES = ("distance", "learned")
-# which modalities' learned detectors also read the raw encoder output: none, all, or per modality the
-# input set that generalises best to fault kinds left out of the fit (``auto``, chosen by the refit)
+# a learned detector's raw-encoder-output part: none, all (it alone), or ``auto``: per modality the blend with
+# the queue-statistics detector that generalises best to fault kinds left out of the fit (chosen by the refit)
 QUALITY_RAW_MODES = ("none", "all", "auto")
 N_QUEUE_STATS = 15
 Z_CLIP = 8.0
@@ -324,38 +324,51 @@ class QualityEstimator(nn.Module):
                 self.raw_norm.append(nn.BatchNorm1d(FEATURE_DIMS[modality], affine=False))
                 self.raw_weight.append(nn.Parameter(torch.zeros(FEATURE_DIMS[modality])))
 
-    def raw_logit(self, raw: Sequence[Tensor] | None) -> Tensor | None:
-        """The raw inputs' share of the detector logit ``[B,M]`` (None without raw inputs)."""
+    def raw_logit(self, raw: Sequence[Tensor] | None, present: Tensor | None = None) -> Tensor | None:
+        """The raw inputs' part of the detector logit ``[B,M]`` (None without raw inputs). ``present``: where
+        the raw input is the one ``h`` came from; a recovered row has no encoder output, so its part is 0."""
         if not len(self.raw_weight) or raw is None:
             return None
-        parts = [
-            norm(x.detach()) @ weight
-            for norm, weight, x in zip(self.raw_norm, self.raw_weight, raw, strict=True)
-        ]
-        return torch.stack(parts, dim=-1)
+        parts = [norm(x.detach()) @ weight for norm, weight, x in zip(self.raw_norm, self.raw_weight, raw, strict=True)]
+        out = torch.stack(parts, dim=-1)
+        return out if present is None else out * present
 
-    def detector_logit(self, h: Tensor, mean: Tensor, var: Tensor, raw: Sequence[Tensor] | None = None) -> Tensor:
+    def detector_logit(
+        self,
+        h: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        raw: Sequence[Tensor] | None = None,
+        present: Tensor | None = None,
+    ) -> Tensor:
         """The learned detector's logit ``[B,M]`` that each row of ``h`` is clean (``quality="learned"``).
 
-        ``raw``: per modality the encoder output ``[B, FEATURE_DIMS[m]]`` the row was projected from; read
-        only when the detector has raw inputs (``quality_raw``)."""
+        ``raw``: per modality the encoder output ``[B, FEATURE_DIMS[m]]`` the row was projected from, read
+        only when the detector has raw inputs (``quality_raw``) and only where ``present`` (default: all)."""
         x = queue_statistics(h.detach(), mean, var)
         b, m, f = x.shape
         x = self.norm(x.reshape(b, m * f)).reshape(b, m, f)
         logit = (x * self.weight).sum(-1) + self.bias
-        extra = self.raw_logit(raw)
+        extra = self.raw_logit(raw, present)
         return logit if extra is None else logit + extra
 
     def forward(
-        self, h: Tensor, available: Tensor, mean: Tensor, var: Tensor, raw: Sequence[Tensor] | None = None
+        self,
+        h: Tensor,
+        available: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        raw: Sequence[Tensor] | None = None,
+        present: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``h [B,M,d]``, ``available [B,M]``, queue ``mean/var [M,d]`` -> (quality, weights) ``[B,M]``.
 
-        ``raw``: the modalities' encoder outputs (see :meth:`detector_logit`)."""
+        ``raw`` / ``present``: the modalities' encoder outputs and where they exist (see :meth:`detector_logit`;
+        a row recovered from the other modalities is judged by its statistics alone)."""
         # Quality is a measurement: the projector must not learn to make bad inputs look typical, and the
         # learned detector is trained by its own target only (the fusion reads it detached).
         if self.mode == "learned":
-            log_quality = F.logsigmoid(self.detector_logit(h, mean, var, raw)).detach()
+            log_quality = F.logsigmoid(self.detector_logit(h, mean, var, raw, present)).detach()
         else:
             distance = ((h.detach() - mean) ** 2 / (var + 1e-6)).mean(-1)
             log_quality = -F.relu(distance - 1.0) / self.tau
@@ -401,6 +414,8 @@ class QualityEstimator(nn.Module):
         :data:`RAW_BLENDS` whose worst held-out-kind val AUROC is best (:func:`held_out_kind_auroc`; ties go to
         the smaller share). -> ``{"C", "val_auroc", "fit_rows", "raw", "raw_share", ...}``.
         """
+        from sklearn.metrics import roc_auc_score
+
         if self.mode != "learned":
             raise ValueError("only a learned quality has a detector to fit")
         has_raw = bool(len(self.raw_weight))
@@ -426,8 +441,6 @@ class QualityEstimator(nn.Module):
             choice = {"held_out_val_auroc": {_blend_name(k): v for k, v in held.items()}}
         scores = [lr.decision_function(scaler.transform(x)) for (_, _, lr, scaler), x in zip(fits, x_val, strict=False)]
         blended = (1 - share) * scores[0] + (share * scores[1] if share > 0 else 0.0)
-        from sklearn.metrics import roc_auc_score
-
         auroc = float(roc_auc_score(val.target, blended, sample_weight=val.weights()))
         # the blend of two linear detectors on standardised inputs is one linear detector: the statistics'
         # standardisation is the same in both fits (same columns, same rows), the raw block only in the second
@@ -539,7 +552,7 @@ def quality_fusion(
         available = torch.ones_like(present)
     else:
         available = present
-    measured, weights = quality(h, available, queue_mean, queue_var, raw)
+    measured, weights = quality(h, available, queue_mean, queue_var, raw, present)
     fused = (N_MODALITIES * weights.unsqueeze(-1) * h).flatten(1)
     return fused, measured * present, h
 

@@ -60,6 +60,7 @@ from models.train import (
     load_model_dir,
     load_table,
     make_config,
+    make_disruption,
     predict_proba,
     save_model_dir,
     train_model,
@@ -533,6 +534,7 @@ def run(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or get_settings().data_dir
 
     if args.train_missing or args.train_only:
+        disruption = make_disruption(args)  # a value it refuses stops here, before any data loads
         missing = [
             (m, s)
             for m in methods
@@ -541,8 +543,6 @@ def run(args: argparse.Namespace) -> int:
             if not (run_dir(args.runs_dir, args.split, m, s) / "head.pt").exists()
         ]
         if missing:
-            disruption = TrainDisruption(corruption=args.train_corruption, p_noise=args.p_noise,
-                                         kinds=args.train_corruption_kinds)
             train = load_table(data_dir, train_split)
             val = load_table(data_dir, val_split)
             train, val = load_corrupted(disruption, train, val, data_dir, (train_split, val_split))

@@ -137,6 +137,10 @@ class FeatureTable:
             dict(self.corrupted_variants),
         )
 
+    def corrupted_variants_flat(self) -> list[str]:
+        """Every cached corrupted variant's name, all modalities."""
+        return [name for names in self.corrupted_variants.values() for name in names]
+
     def corrupted_bank(self, index: np.ndarray | Tensor | None = None) -> list[Tensor | None]:
         """Per modality (MODALITIES order) the ``[K, B, d]`` corrupted rows of ``index`` (all rows if None)."""
         out: list[Tensor | None] = []
@@ -340,14 +344,22 @@ def disrupt_with_target(
     return View(out[0], out[1], out[2], present), target
 
 
+def asked_variants(kinds: str, masking: bool = True) -> list[str]:
+    """The ``corrupt_*`` variant names of ``kinds`` (``--corrupt-kinds`` syntax: the papers' masking is always
+    in; ``masking=False`` leaves it out, keeping only the kinds actually named)."""
+    from models.disruptions import corrupt_variant
+    from models.features import parse_corrupt_kinds
+
+    return [
+        corrupt_variant(m, k) for m, ks in parse_corrupt_kinds(kinds).items() for k in ks if masking or k != "mask"
+    ]
+
+
 def restrict_kinds(table: FeatureTable, kinds: str) -> FeatureTable:
     """``table`` with only the corrupted variants of ``kinds`` (``--corrupt-kinds`` syntax; "" = all)."""
     if not kinds or not table.corrupted:
         return table
-    from models.disruptions import corrupt_variant
-    from models.features import parse_corrupt_kinds
-
-    allowed = {corrupt_variant(m, k) for m, ks in parse_corrupt_kinds(kinds).items() for k in ks}
+    allowed = set(asked_variants(kinds))
     banks: dict[str, np.ndarray] = {}
     names: dict[str, list[str]] = {}
     for m, variants in table.corrupted_variants.items():
@@ -459,6 +471,16 @@ def load_corrupted(
             f"--train-corruption real: split {splits[0]!r} has no corrupted variants; build them with "
             f"`sentiment-stream data features --corrupt-splits {splits[0]},{splits[1]},... --corrupt-kinds all`"
         )
+    if disruption.kinds:
+        for split, table in zip(splits, (train, val), strict=True):
+            named = asked_variants(disruption.kinds, masking=False)
+            missing = sorted(set(named) - set(table.corrupted_variants_flat()))
+            if missing:
+                raise SystemExit(
+                    f"--train-corruption-kinds: split {split!r} has no cached {', '.join(missing)}; build them with "
+                    f"`sentiment-stream data features --corrupt-splits {splits[0]},{splits[1]},... --corrupt-kinds "
+                    f"{disruption.kinds}`"
+                )
     for part, table in (("train", train), ("val", val)):
         log.info("%s corruption: %s", part,
                  {m: table.corrupted_variants.get(m, "feature noise") for m in MODALITIES})
@@ -591,10 +613,17 @@ def _quality_of(model: nn.Module) -> Any:
 
 
 def _detector_rows(
-    model: nn.Module, table: FeatureTable, m: int, fitted: Sequence[int], cap: int, seed: int
+    model: nn.Module,
+    table: FeatureTable,
+    m: int,
+    fitted: Sequence[int],
+    cap: int,
+    seed: int,
+    labels: Sequence[int] | None = None,
 ) -> DetectorRows:
-    """Rows of up to ``cap`` posts with modality ``m``: clean (kind -1), then each fitted fault (kind k);
-    projected features in column ``m`` and the raw encoder outputs."""
+    """Rows of up to ``cap`` posts with modality ``m``: clean (kind -1), then each fitted fault (kind
+    ``labels[i]`` for ``fitted[i]``, default its own index); projected features in column ``m`` and the raw
+    encoder outputs."""
     rows = np.flatnonzero(table.available[:, m] > 0)
     if len(rows) > cap:
         rows = np.sort(np.random.default_rng(seed).choice(rows, cap, replace=False))
@@ -605,7 +634,8 @@ def _detector_rows(
     h = projector(raw)
     full = torch.zeros(h.shape[0], N_MODALITIES, h.shape[1])
     full[:, m] = h
-    kind = torch.cat([torch.full((len(rows),), -1)] + [torch.full((len(rows),), k) for k in fitted])
+    labels = fitted if labels is None else labels
+    kind = torch.cat([torch.full((len(rows),), -1)] + [torch.full((len(rows),), k) for k in labels])
     return DetectorRows(full, kind, raw)
 
 
@@ -618,9 +648,10 @@ def refit_quality(
     Inputs are the final projected features and the moments of the queue the head is exported with;
     targets are clean (1) vs the cached realistic faults (0) of up to ``cap`` train posts per modality,
     never the papers' masking; the strength is chosen on val. A modality without cached realistic faults
-    keeps its jointly trained detector. ``use_raw`` forces the detector inputs: the raw encoder output's
-    scale, 0 / False = queue statistics only, 1 / True = raw at full weight (None: as ``quality_raw`` says; see
-    :meth:`QualityEstimator.fit_detector`). -> per modality what was fitted (empty when nothing was).
+    keeps its jointly trained detector. ``use_raw`` forces the blend: the share of the detector that also
+    reads the raw encoder output, 0 / False = queue statistics only, 1 / True = that detector alone (None: as
+    ``quality_raw`` says; see :meth:`QualityEstimator.fit_detector`). -> per modality what was fitted (empty
+    when nothing was).
     """
     quality = _quality_of(model)
     cfg = getattr(model, "cfg", None)
@@ -642,12 +673,11 @@ def refit_quality(
             continue
         fit_rows = _detector_rows(model, train, m, fitted, cap, seed=m)
         # val kinds numbered as in train, so a held-out kind is the same fault in both
-        val_rows = _detector_rows(model, val, m, val_fitted, cap, seed=m)
-        val_rows.kind = torch.tensor([-1 if k < 0 else to_train[int(k)] for k in val_rows.kind.tolist()])
+        val_rows = _detector_rows(model, val, m, val_fitted, cap, seed=m, labels=list(to_train.values()))
         fit = quality.fit_detector(m, fit_rows, val_rows, mean, var, use_raw=use_raw)
-        for key in ("held_out_val_auroc",):
-            if key in fit:  # kind index -> variant name
-                fit[key] = {inp: {names[int(k)]: v for k, v in scores.items()} for inp, scores in fit[key].items()}
+        if "held_out_val_auroc" in fit:  # kind index -> variant name
+            held = fit["held_out_val_auroc"]
+            fit["held_out_val_auroc"] = {b: {names[int(k)]: v for k, v in sc.items()} for b, sc in held.items()}
         out[modality] = {**fit, "kinds": [names[k] for k in fitted]}
     return out
 
@@ -821,13 +851,25 @@ def make_config(name: str, ablate: Sequence[str], overrides: Sequence[str], reco
     return config
 
 
+def make_disruption(args: argparse.Namespace) -> TrainDisruption:
+    """The training disruption of ``add_corruption_arguments``' options; a value it refuses is one line."""
+    try:
+        return TrainDisruption(
+            ratio=getattr(args, "disrupt_ratio", TrainDisruption.ratio),
+            corruption=args.train_corruption,
+            p_noise=args.p_noise,
+            kinds=args.train_corruption_kinds,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = make_config(args.model, args.ablate, args.overrides, args.recovery)
     train_split, val_split, _ = SPLITS[args.split]
     data_dir = args.data_dir or get_settings().data_dir
-    disruption = TrainDisruption(ratio=args.disrupt_ratio, corruption=args.train_corruption, p_noise=args.p_noise,
-                                 kinds=args.train_corruption_kinds)
+    disruption = make_disruption(args)
     if args.synthetic:
         train = synthetic_table(args.synthetic, seed=1)
         val = synthetic_table(max(args.synthetic // 5, 64), seed=2)

@@ -519,6 +519,24 @@ def test_refit_quality_fits_the_detector_on_the_trained_head_and_exports_unchang
     assert "quality_refit" not in off.metrics
 
 
+def test_a_recovered_modality_is_judged_without_a_raw_input_it_does_not_have() -> None:
+    """The raw part of the detector reads the encoder output a row came from: a missing modality has none."""
+    torch.manual_seed(0)
+    head = ServingHead(ServingHeadConfig(drf=DRFConfig(quality="learned", quality_raw="all"))).eval()
+    with torch.no_grad():
+        for weight in head.quality.raw_weight:
+            weight.normal_(0.0, 0.3)
+    text, image, transcript, present, mean, var = _serving_inputs(head, 32)
+    present[:, 0], present[:, 1] = 1.0, 0.0  # text present, image missing (recovered, weighted in the fusion)
+    image = torch.zeros_like(image)
+    with torch.no_grad():
+        before = head(text, image, transcript, present, mean, var)[0]
+        head.quality.raw_weight[1].normal_(0.0, 0.3)  # the missing image's raw weights do not matter
+        assert torch.allclose(head(text, image, transcript, present, mean, var)[0], before)
+        head.quality.raw_weight[0].normal_(0.0, 0.3)  # the present text's do
+        assert not torch.allclose(head(text, image, transcript, present, mean, var)[0], before)
+
+
 def _table_with_three_text_faults(n: int = 800) -> Any:
     """Text with the papers' masking and three realistic kinds, each a different damage of the clean row."""
     table = synthetic_table(n, seed=0)
@@ -587,3 +605,23 @@ def test_a_config_the_head_refuses_is_a_one_line_error_before_any_data_loads(ove
     with pytest.raises(SystemExit, match=message):
         make_config("serving", (), (override,), None)
     assert make_config("serving", (), ("drf.quality=learned", "drf.quality_refit=true"), None).drf.quality_refit
+
+
+def test_a_training_disruption_it_cannot_honour_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.train as train_module
+
+    args = argparse.Namespace(train_corruption="real", p_noise=0.0, train_corruption_kinds="text:smudge")
+    with pytest.raises(SystemExit, match="unknown corruption kind 'text:smudge'"):
+        train_module.make_disruption(args)
+    with pytest.raises(SystemExit, match=r"p_noise must be in \[0, 1\]"):
+        train_module.make_disruption(
+            argparse.Namespace(train_corruption="real", p_noise=3.0, train_corruption_kinds="")
+        )
+    # a kind asked for that the cache does not hold stops training instead of silently falling back
+    table = _table_with_realistic_bank(64)  # text: corrupt_text, corrupt_text_delete
+    monkeypatch.setattr(train_module, "attach_corrupted", lambda t, *_: table)
+    disruption = TrainDisruption(corruption="real", kinds="text:delete,text:typos")
+    with pytest.raises(SystemExit, match="split 'train' has no cached corrupt_text_typos"):
+        train_module.load_corrupted(disruption, table, table, Path("unused"), ("train", "val"))
+    ok = TrainDisruption(corruption="real", kinds="text:delete")
+    assert train_module.load_corrupted(ok, table, table, Path("unused"), ("train", "val"))[0] is table
